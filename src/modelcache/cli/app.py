@@ -1,0 +1,316 @@
+"""The typer app: parse, call the engine/store, print. No business logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from modelcache.errors import ConflictError, IntegrityError, NotFoundError
+from modelcache.quantity import format_bytes, parse_quantity
+from modelcache.store import ModelRecord, Store
+
+app = typer.Typer(
+    name="modelcache",
+    help="Download each model once onto local disk, verified, and start from the local copy.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+)
+log = logging.getLogger("modelcache")
+
+
+@dataclass
+class Globals:
+    home: Path | None = None
+    quiet: bool = False
+    debug: bool = False
+
+    def store(self) -> Store:
+        return Store(self.home)
+
+
+G = Globals()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": record.created, "level": record.levelname.lower(), "msg": record.getMessage()})
+
+
+@app.callback()
+def _globals(
+    home: Annotated[
+        Path | None, typer.Option("--home", envvar="MODELCACHE_HOME", help="Cache root (default ~/.cache/modelcache).")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Tracebacks and debug logs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    log_format: Annotated[str, typer.Option("--log-format", help="text or json")] = "text",
+) -> None:
+    G.home, G.debug, G.quiet = home, debug, quiet
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    elif log_format == "text":
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    else:
+        raise typer.BadParameter("use text or json", param_hint="--log-format")
+    root = logging.getLogger("modelcache")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{int(s // n)}{unit} ago"
+    return f"{int(s)}s ago"
+
+
+# -- pull / path -------------------------------------------------------------------------------
+@app.command()
+def pull(
+    uri: Annotated[str, typer.Argument(help="Model URI (file://, http(s)://) or a local path.")],
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit (sources with revisions).")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Only files matching this glob (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Skip files matching this glob (repeatable).")] = None,
+    connections: Annotated[int | None, typer.Option(min=1, max=256, help="Parallel connections (default 16).")] = None,
+    limit_rate: Annotated[str | None, typer.Option(help="Bandwidth cap per second, e.g. 50Mi.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the path.")] = False,
+) -> None:
+    """Download a model into the cache (once), verify it, print its directory."""
+    from modelcache.cli.progress import make_progress
+    from modelcache.engine import pull as do_pull
+    from modelcache.sources import SourceOptions
+    from modelcache.transfer import TransferConfig
+
+    config = TransferConfig()
+    if connections:
+        config.connections = connections
+    if limit_rate:
+        config.limit_rate = parse_quantity(limit_rate)
+    options = SourceOptions(revision=revision, include=tuple(include or ()), exclude=tuple(exclude or ()))
+    store = G.store()
+    from modelcache.uri import parse_uri, redact
+
+    label = redact(parse_uri(uri).uri).rsplit("/", 1)[-1] or uri
+    progress = make_progress(label, quiet=G.quiet)
+    with progress if progress is not None else contextlib.nullcontext():
+        result = asyncio.run(do_pull(store, uri, options=options, config=config, on_event=progress))
+    rec = result.record
+    if result.hit:
+        log.info("cache hit: %s (%s) in %.0f ms", rec.key, format_bytes(rec.size_bytes), result.seconds * 1000)
+    else:
+        rate = result.bytes_fetched / max(result.seconds, 1e-9)
+        log.info("pulled %s: %s in %.1f s (%s/s)", rec.key, format_bytes(rec.size_bytes), result.seconds, format_bytes(rate))
+    if as_json:
+        _emit_json({**rec.as_dict(), "hit": result.hit, "seconds": round(result.seconds, 3),
+                    "bytes_fetched": result.bytes_fetched})
+    else:
+        sys.stdout.write(f"{rec.path}\n")
+
+
+@app.command()
+def path(ref: Annotated[str, typer.Argument(help="URI, local path or key.")]) -> None:
+    """Print the model directory if it is cached (exit 0), else exit 3."""
+    store = G.store()
+    rec = store.get(ref)
+    store.touch(rec.key)
+    sys.stdout.write(f"{rec.path}\n")
+
+
+# -- inspect -----------------------------------------------------------------------------------
+@app.command("list")
+def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON list of models.")] = False) -> None:
+    """List cached models, most recently used first, then downloads in progress."""
+    records = G.store().list_models()
+    if as_json:
+        _emit_json([r.as_dict() for r in records])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("KEY", "STATE", "SIZE", "FILES", "LAST USED", "PIN", "URI"):
+        table.add_column(col, justify="right" if col in ("SIZE", "FILES") else "left")
+    for r in records:
+        table.add_row(r.key, r.state, format_bytes(r.size_bytes), str(r.file_count), _ago(r.last_used_at),
+                      "yes" if r.pinned else "", r.uri)
+    console = Console()
+    if records:
+        console.print(table)
+    total = sum(r.size_bytes for r in records if r.state == "complete")
+    console.print(f"{sum(r.state == 'complete' for r in records)} model(s), {format_bytes(total)} in {G.store().root}")
+
+
+@app.command()
+def show(ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Details of one cached model: files, sizes, checksums, revision."""
+    store = G.store()
+    rec = store.get(ref)
+    m = store.manifest(rec.key)
+    data = {**rec.as_dict(), "source": m.source, "files": [f.__dict__ for f in m.files]}
+    if as_json:
+        _emit_json(data)
+        return
+    for k in ("key", "uri", "path", "state", "revision", "pinned", "in_use"):
+        sys.stdout.write(f"{k:>10}: {data[k]}\n")
+    sys.stdout.write(f"{'size':>10}: {format_bytes(rec.size_bytes)} in {rec.file_count} file(s)\n")
+    sys.stdout.write(f"{'last used':>10}: {_ago(rec.last_used_at)}\n")
+    for f in m.files:
+        sys.stdout.write(f"  {f.sha256[:16]}  {format_bytes(f.size):>10}  {f.path}\n")
+
+
+# -- change ------------------------------------------------------------------------------------
+@app.command()
+def rm(
+    refs: Annotated[list[str], typer.Argument(help="URIs or keys.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Also remove pinned models.")] = False,
+) -> None:
+    """Remove models. Pinned ones need --force; models in use are never removed."""
+    store = G.store()
+    recs = [store.get(r) for r in refs]
+    for rec in recs:
+        if rec.pinned and not force:
+            raise ConflictError(f"{rec.uri} is pinned; unpin it or use --force")
+        if rec.in_use:
+            raise ConflictError(f"{rec.uri} is in use; stop its users first")
+    for rec in recs:
+        if dry_run:
+            sys.stdout.write(f"would remove {rec.key} {format_bytes(rec.size_bytes)} {rec.uri}\n")
+        else:
+            store.remove(rec.key, force=force)
+            sys.stdout.write(f"removed {rec.key} {format_bytes(rec.size_bytes)} {rec.uri}\n")
+
+
+@app.command()
+def pin(ref: str) -> None:
+    """Protect a model from gc and from rm without --force."""
+    store = G.store()
+    rec = store.get(ref)
+    store.set_pinned(rec.key, True)
+    sys.stdout.write(f"pinned {rec.key} {rec.uri}\n")
+
+
+@app.command()
+def unpin(ref: str) -> None:
+    """Let gc evict a model again."""
+    store = G.store()
+    rec = store.get(ref)
+    store.set_pinned(rec.key, False)
+    sys.stdout.write(f"unpinned {rec.key} {rec.uri}\n")
+
+
+@app.command()
+def verify(
+    ref: Annotated[str | None, typer.Argument(help="URI or key (default: every model).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Re-hash every byte (slow); default checks files and sizes.")] = False,
+) -> None:
+    """Check models against their manifests. Exit 4 and name the file on any mismatch."""
+    store = G.store()
+    store.repair()
+    recs: list[ModelRecord] = [store.get(ref)] if ref else [r for r in store.list_models() if r.state == "complete"]
+    bad: list[str] = []
+    for rec in recs:
+        problems = store.verify(rec.key, full=full)
+        status = "ok" if not problems else "FAILED"
+        sys.stdout.write(f"{status:>6} {rec.key} {rec.uri}\n")
+        for p in problems:
+            sys.stdout.write(f"         {p}\n")
+            bad.append(f"{rec.key}: {p}")
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise IntegrityError(f"verification failed: {bad[0]}{more}")
+
+
+@app.command()
+def gc(
+    max_size: Annotated[str, typer.Option("--max-size", help="Shrink the cache to this size, e.g. 100Gi.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan only.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Evict least-recently-used models until the cache fits; pinned and in-use models stay."""
+    from modelcache.store.evict import plan_eviction
+
+    target = parse_quantity(max_size)
+    store = G.store()
+    store.repair()
+    candidates = store.candidates()
+    plan = plan_eviction(candidates, target)
+    sizes = {c.key: c.size_bytes for c in candidates}
+    removed: list[str] = []
+    for key in plan.evict:
+        if not dry_run:
+            try:
+                store.remove(key)
+            except (ConflictError, NotFoundError) as exc:  # became in use or vanished meanwhile
+                log.warning("skipped %s: %s", key, exc)
+                continue
+        removed.append(key)
+    if as_json:
+        _emit_json({"dry_run": dry_run, "evict": removed, "protected": plan.protected,
+                    "total_before": plan.total_before, "total_after": plan.total_after, "target": target,
+                    "satisfied": plan.satisfied})
+    else:
+        verb = "would evict" if dry_run else "evicted"
+        for key in removed:
+            sys.stdout.write(f"{verb} {key} {format_bytes(sizes[key])}\n")
+        sys.stdout.write(f"{format_bytes(plan.total_before)} -> {format_bytes(plan.total_after)} "
+                         f"(target {format_bytes(target)})\n")
+    if not plan.satisfied:
+        log.warning("pinned or in-use models alone exceed %s; nothing else can be evicted", format_bytes(target))
+
+
+# -- air-gapped bundles ------------------------------------------------------------------------
+@app.command("export")
+def export_(
+    ref: str,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write (.tar).")],
+) -> None:
+    """Write a cached model and its manifest as a tar bundle for another site."""
+    from modelcache.bundle import export_bundle
+
+    store = G.store()
+    rec = store.get(ref)
+    size = export_bundle(store, rec.key, output)
+    sys.stdout.write(f"exported {rec.key} to {output} ({format_bytes(size)})\n")
+
+
+@app.command("import")
+def import_(bundle: Path) -> None:
+    """Load a bundle into the cache, verifying every file against its manifest."""
+    from modelcache.bundle import import_bundle
+
+    rec = import_bundle(G.store(), bundle)
+    sys.stdout.write(f"{rec.path}\n")
+
+
+def _mount_optional() -> None:
+    """Sub-apps that live in their own modules (dev control plane) join when present."""
+    with contextlib.suppress(ImportError):
+        from modelcache.cli.dev import app as dev_app
+
+        app.add_typer(dev_app, name="dev", help="Local control plane (etcd + kube-apiserver) for trying the operator.")
+
+
+def run(argv: list[str]) -> int:
+    _mount_optional()
+    app(args=argv, prog_name="modelcache")
+    return 0

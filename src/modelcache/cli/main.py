@@ -1,0 +1,76 @@
+"""Entry point. `path` takes a fast route that never imports typer, rich or asyncio, because
+inference launch scripts call it on every start (target: well under 250 ms as a whole process).
+Every other command goes through the typer app. All errors end as one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from modelcache.errors import EXIT_INTERNAL, ModelcacheError
+
+_GLOBAL_FLAGS = {"--debug", "--quiet", "-q"}
+_GLOBAL_OPTS = {"--home", "--log-format"}
+
+
+def fail(message: str, code: int) -> int:
+    sys.stderr.write(f"modelcache: error: {message}\n")
+    return code
+
+
+def _fast_path(argv: list[str]) -> int | None:
+    """Handle `[globals] path REF` without typer. None: not this shape, use the full CLI."""
+    home: str | None = None
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        arg = argv[i]
+        if arg in _GLOBAL_FLAGS:
+            i += 1
+        elif arg in _GLOBAL_OPTS and i + 1 < len(argv):
+            if arg == "--home":
+                home = argv[i + 1]
+            i += 2
+        elif arg.startswith("--home="):
+            home = arg.split("=", 1)[1]
+            i += 1
+        else:
+            return None
+    rest = argv[i:]
+    if len(rest) != 2 or rest[0] != "path" or rest[1].startswith("-"):
+        return None
+    from modelcache.store import Store
+
+    store = Store(home)
+    rec = store.lookup(rest[1])
+    if rec is None:
+        return fail(f"not cached: {rest[1]}", 3)
+    store.touch(rec.key)
+    sys.stdout.write(f"{rec.path}\n")
+    return 0
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    debug = "--debug" in argv or os.environ.get("MODELCACHE_DEBUG") == "1"
+    try:
+        code = _fast_path(argv)
+        if code is None:
+            from modelcache.cli.app import run
+
+            code = run(argv)
+    except ModelcacheError as exc:
+        if debug:
+            raise
+        code = fail(exc.message, exc.exit_code)
+    except KeyboardInterrupt:
+        code = fail("interrupted", 130)
+    except Exception as exc:
+        if debug:
+            raise
+        code = fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", EXIT_INTERNAL)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

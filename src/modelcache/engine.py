@@ -1,0 +1,171 @@
+"""The one engine: URI -> verified model directory, downloaded at most once per cache.
+
+Used by the CLI, the node agent and the storage initializer alike. The flow:
+lookup (hit: done) -> per-key lock (another process may be downloading it: wait, then hit) ->
+resolve snapshot -> space check -> resumable transfer into staging -> (unpack archive) ->
+manifest -> atomic publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelcache.errors import (
+    InsufficientSpaceError,
+    IntegrityError,
+    ModelcacheError,
+    SourceError,
+    TransientSourceError,
+)
+from modelcache.sources import SourceOptions, open_source
+from modelcache.sources.base import Snapshot, Source
+from modelcache.store.core import ModelRecord, Store
+from modelcache.store.manifest import FileEntry, Manifest
+from modelcache.transfer import ProgressEvent, Transfer, TransferConfig, backoff, check_space
+from modelcache.uri import ModelURI, parse_uri, redact
+
+log = logging.getLogger("modelcache")
+
+
+@dataclass(frozen=True)
+class PullResult:
+    record: ModelRecord
+    hit: bool
+    seconds: float
+    bytes_fetched: int = 0
+    waited_for_other: bool = False
+
+
+async def resolve_with_retries(source: Source, config: TransferConfig) -> Snapshot:
+    attempt = 0
+    while True:
+        try:
+            return await source.resolve()
+        except TransientSourceError as exc:
+            attempt += 1
+            if attempt > config.retries:
+                raise SourceError(f"{exc.message} (gave up after {config.retries} retries)") from exc
+            await asyncio.sleep(backoff(attempt, config.retry_base))
+
+
+async def pull(
+    store: Store,
+    ref: str,
+    *,
+    options: SourceOptions | None = None,
+    config: TransferConfig | None = None,
+    on_event: Callable[[ProgressEvent], None] | None = None,
+    lock_timeout: float | None = None,
+) -> PullResult:
+    t0 = time.monotonic()
+    uri = parse_uri(ref)
+    rec = store.lookup(uri.uri)
+    if rec is not None:
+        store.touch(rec.key)
+        return PullResult(rec, hit=True, seconds=time.monotonic() - t0)
+    store.ensure()
+    store.repair()
+    lock = store.lock(uri.key)
+    waited = False
+    if not lock.try_acquire():
+        waited = True
+        log.info("another process is downloading %s; waiting for it", redact(uri.uri))
+        if on_event:
+            on_event(ProgressEvent("wait", message="another process is downloading this model"))
+        if not await lock.acquire_async(timeout=lock_timeout):
+            raise ModelcacheError(f"timed out waiting for the lock on {redact(uri.uri)}")
+    try:
+        rec = store.lookup(uri.uri)
+        if rec is not None:  # the other process finished it
+            store.touch(rec.key)
+            return PullResult(rec, hit=True, seconds=time.monotonic() - t0, waited_for_other=waited)
+        fetched, rec = await _download(store, uri, options or SourceOptions(), config or TransferConfig(), on_event)
+        return PullResult(rec, hit=False, seconds=time.monotonic() - t0, bytes_fetched=fetched, waited_for_other=waited)
+    finally:
+        lock.release()
+
+
+async def _download(
+    store: Store,
+    uri: ModelURI,
+    options: SourceOptions,
+    config: TransferConfig,
+    on_event: Callable[[ProgressEvent], None] | None,
+) -> tuple[int, ModelRecord]:
+    source = open_source(uri, options)
+    staging = store.staging_dir(uri.key)
+    fetched = 0
+    try:
+        snapshot = await resolve_with_retries(source, config)
+        for attempt in (1, 2):
+            dest = staging / ("download" if snapshot.archive else "files")
+            transfer = Transfer(source, snapshot, staging, dest, uri=uri.uri, config=config, on_event=on_event)
+            staging.mkdir(parents=True, exist_ok=True)
+            needed = _remaining(transfer, snapshot) * (2 if snapshot.archive else 1)
+            check_space(staging, needed)
+            try:
+                digests = await transfer.run()
+                fetched += transfer.bytes_fetched
+                break
+            except IntegrityError:
+                fetched += transfer.bytes_fetched
+                store.clear_staging(uri.key)  # the bytes are wrong: start this model afresh, once
+                if attempt == 2:
+                    raise
+        entries = await asyncio.to_thread(_finish_tree, staging, snapshot, digests)
+        manifest = Manifest(
+            key=uri.key,
+            uri=uri.uri,
+            revision=snapshot.revision,
+            created_at=time.time(),
+            source={"scheme": uri.scheme, **snapshot.extra, **({"archive": snapshot.archive} if snapshot.archive else {})},
+            files=entries,
+        )
+        rec = store.publish(staging / "files", manifest)
+        store.clear_staging(uri.key)
+        return fetched, rec
+    except (InsufficientSpaceError, IntegrityError):
+        # Resuming cannot help: no space until some is freed, or bytes that are not a valid model.
+        store.clear_staging(uri.key)
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            store.clear_staging(uri.key)
+            raise InsufficientSpaceError(f"no space left on the device holding {store.root}") from exc
+        raise
+    finally:
+        await source.aclose()
+
+
+def _remaining(transfer: Transfer, snapshot: Snapshot) -> int:
+    """Bytes still to write, from the checkpoint if there is one (resume needs less space)."""
+    from modelcache.transfer import read_staging_summary
+
+    summary = read_staging_summary(transfer.staging)
+    done = summary.done_bytes if summary and summary.uri == transfer.uri else 0
+    return max(0, snapshot.total_bytes - done)
+
+
+def _finish_tree(staging: Path, snapshot: Snapshot, digests: dict[str, str]) -> list[FileEntry]:
+    """Unpack an archive (verified as a whole already) or list the downloaded files for the manifest."""
+    files_dir = staging / "files"
+    if snapshot.archive:
+        from modelcache.archive import extract
+
+        archive = staging / "download" / snapshot.files[0].path
+        if files_dir.exists():
+            shutil.rmtree(files_dir)
+        entries = extract(archive, snapshot.archive, files_dir)
+        shutil.rmtree(staging / "download", ignore_errors=True)
+        if not entries:
+            raise IntegrityError(f"{snapshot.files[0].path}: archive holds no files")
+        return entries
+    return [FileEntry(path=f.path, size=f.size if f.size is not None else (files_dir / f.path).stat().st_size,
+                      sha256=digests[f.path]) for f in snapshot.files]

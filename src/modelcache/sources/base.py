@@ -1,0 +1,90 @@
+"""The source protocol: resolve a URI to an immutable snapshot, then read byte ranges.
+
+Each scheme is one module implementing `Source`. The transfer engine owns concurrency, retries,
+resume and verification, so a source only says what exists and streams the bytes it is asked for.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from modelcache.uri import ModelURI
+
+ARCHIVE_SUFFIXES: dict[str, str] = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar", ".zip": "zip"}
+
+
+def archive_kind(name: str) -> str | None:
+    lower = name.lower()
+    for suffix, kind in ARCHIVE_SUFFIXES.items():
+        if lower.endswith(suffix):
+            return kind
+    return None
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a snapshot. `path` is relative (posix) inside the model directory."""
+
+    path: str
+    size: int | None
+    sha256: str | None = None
+    etag: str | None = None
+    locator: str = ""  # what the source needs to read it: URL, absolute path, object key
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    files: tuple[RemoteFile, ...]
+    revision: str | None = None
+    archive: str | None = None  # "tar" | "zip": the one file is an archive to unpack
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    revision: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    connect_timeout: float = float(os.environ.get("MODELCACHE_CONNECT_TIMEOUT", "10"))
+    read_timeout: float = float(os.environ.get("MODELCACHE_READ_TIMEOUT", "30"))
+
+
+def select(files: list[RemoteFile], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[RemoteFile]:
+    """Apply --include / --exclude globs (fnmatch on the relative path)."""
+    out = []
+    for f in files:
+        if include and not any(fnmatch.fnmatch(f.path, g) for g in include):
+            continue
+        if any(fnmatch.fnmatch(f.path, g) for g in exclude):
+            continue
+        out.append(f)
+    return out
+
+
+class Source(ABC):
+    def __init__(self, uri: ModelURI, options: SourceOptions) -> None:
+        self.uri = uri
+        self.options = options
+
+    @abstractmethod
+    async def resolve(self) -> Snapshot:
+        """List the files and pin a revision. Raises NotFoundError, AuthError, SourceError."""
+
+    @abstractmethod
+    def supports_ranges(self, f: RemoteFile) -> bool:
+        """Whether `read` may start anywhere (parallel chunks, resume)."""
+
+    @abstractmethod
+    def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """Stream bytes [start, end). Raise TransientSourceError for anything worth retrying."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

@@ -1,0 +1,527 @@
+"""Moving bytes: chunk planning (pure) and the async runner.
+
+The runner downloads many files at once and large files as parallel ranged chunks over one pool of
+`connections` workers. Idle workers steal the back half of the largest chunk still in flight, so
+the tail of a download keeps every connection busy (per-connection rate caps are the norm on object
+stores and CDNs; parallelism is what beats them). Progress within each chunk is checkpointed to
+`state.json` after an fdatasync, so a kill -9 loses at most the last checkpoint interval.
+sha256 is computed while downloading: a hasher per file follows the contiguous written prefix and
+reads it back from the page cache, so verification costs almost no extra wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelcache.errors import (
+    InsufficientSpaceError,
+    IntegrityError,
+    ModelcacheError,
+    SourceError,
+    TransientSourceError,
+)
+from modelcache.quantity import format_bytes
+from modelcache.sources.base import RemoteFile, Snapshot, Source
+
+MiB = 1 << 20
+WRITE_BLOCK = 1 * MiB
+HASH_BLOCK = 4 * MiB
+MIN_STEAL = 2 * MiB  # never split a chunk whose remainder is smaller than this
+STATE_FILE = "state.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Pure planning
+# --------------------------------------------------------------------------------------------
+def choose_chunk_size(total_bytes: int, connections: int, *, lo: int = 8 * MiB, hi: int = 64 * MiB) -> int:
+    """Enough chunks to feed every connection a few times over, but not so many that requests dominate."""
+    want = total_bytes // max(1, connections * 4)
+    return max(lo, min(hi, (want // MiB) * MiB or lo))
+
+
+def plan_chunks(size: int | None, chunk_size: int, ranged: bool) -> list[tuple[int, int | None]]:
+    """[start, end) pieces of one file; one open-ended piece when ranges are impossible."""
+    if size is None or not ranged:
+        return [(0, size)]
+    if size == 0:
+        return [(0, 0)]
+    return [(s, min(s + chunk_size, size)) for s in range(0, size, chunk_size)]
+
+
+def split_point(start: int, received: int, end: int, min_piece: int = MIN_STEAL // 2) -> int | None:
+    """Where to cut an in-flight chunk so an idle worker can take its back half (None: not worth it)."""
+    pos = start + received
+    remaining = end - pos
+    if remaining < 2 * min_piece:
+        return None
+    cut = pos + remaining // 2
+    return cut - cut % (64 * 1024) if cut - cut % (64 * 1024) > pos else cut
+
+
+def backoff(attempt: int, base: float, cap: float = 20.0) -> float:
+    """Exponential backoff with full jitter (AWS architecture blog), so retrying clients spread out."""
+    return random.uniform(0, min(cap, base * (2 ** (attempt - 1))))
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime state
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Chunk:
+    start: int
+    end: int | None
+    done: int = 0  # bytes durably written from start
+    active: bool = False
+    buffered: int = 0  # bytes received but not yet written (for split decisions)
+
+    @property
+    def complete(self) -> bool:
+        return self.end is not None and self.start + self.done >= self.end
+
+
+@dataclass
+class FileTask:
+    rf: RemoteFile
+    dest: Path
+    ranged: bool
+    chunks: list[Chunk]
+    sha256: str | None = None  # ours, once hashed
+    fd: int = -1
+    dirty: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def size(self) -> int | None:
+        return self.rf.size
+
+    def done_bytes(self) -> int:
+        return sum(c.done for c in self.chunks)
+
+    def contiguous(self) -> int:
+        """Length of the written prefix [0, n) — what the hasher may consume."""
+        pos = 0
+        for c in sorted(self.chunks, key=lambda c: c.start):
+            if c.start != pos:
+                break
+            pos = c.start + c.done
+            if not c.complete:
+                break
+        return pos
+
+    def complete(self) -> bool:
+        return all(c.complete for c in self.chunks)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "size": self.rf.size,
+            "etag": self.rf.etag,
+            "source_sha256": self.rf.sha256,
+            "ranged": self.ranged,
+            "chunks": [[c.start, c.end, c.done] for c in sorted(self.chunks, key=lambda c: c.start)],
+            "sha256": self.sha256,
+        }
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    kind: str  # plan | advance | file_done | retry | done
+    path: str = ""
+    nbytes: int = 0
+    total: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class StagingSummary:
+    uri: str
+    revision: str | None
+    done_bytes: int
+    total_bytes: int
+    file_count: int
+
+
+def read_staging_summary(staging: Path) -> StagingSummary | None:
+    try:
+        data = json.loads((staging / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    files = data.get("files", {})
+    done = sum(sum(c[2] for c in f.get("chunks", [])) for f in files.values())
+    total = sum(f.get("size") or 0 for f in files.values())
+    return StagingSummary(str(data.get("uri", "")), data.get("revision"), done, total, len(files))
+
+
+class RateLimiter:
+    """A shared token bucket: `--limit-rate` caps the whole pull, not each connection."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = float(rate)
+        self.tokens = float(rate)
+        self.stamp = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= n
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens / self.rate)
+
+
+@dataclass
+class TransferConfig:
+    connections: int = int(os.environ.get("MODELCACHE_CONNECTIONS", "16"))
+    chunk_size: int | None = int(os.environ["MODELCACHE_CHUNK_SIZE"]) if "MODELCACHE_CHUNK_SIZE" in os.environ else None
+    retries: int = int(os.environ.get("MODELCACHE_RETRIES", "5"))
+    retry_base: float = float(os.environ.get("MODELCACHE_RETRY_BASE", "0.5"))
+    checkpoint_interval: float = 0.5
+    limit_rate: int | None = None
+    preallocate: bool = os.environ.get("MODELCACHE_PREALLOCATE", "1") != "0"
+
+
+class Transfer:
+    """Download one snapshot's files into `dest_dir`, resumably, reporting progress as events."""
+
+    def __init__(
+        self,
+        source: Source,
+        snapshot: Snapshot,
+        staging: Path,
+        dest_dir: Path,
+        *,
+        uri: str,
+        config: TransferConfig | None = None,
+        on_event: Callable[[ProgressEvent], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.snapshot = snapshot
+        self.staging = staging
+        self.dest_dir = dest_dir
+        self.uri = uri
+        self.config = config or TransferConfig()
+        self.on_event = on_event or (lambda e: None)
+        self.limiter = RateLimiter(self.config.limit_rate) if self.config.limit_rate else None
+        self.tasks: list[FileTask] = []
+        self.bytes_fetched = 0  # bytes received from the source in this run (resume accounting)
+
+    # -- state -------------------------------------------------------------------------------
+    def _load_previous(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads((self.staging / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        if data.get("uri") != self.uri or data.get("revision") != self.snapshot.revision:
+            return {}
+        files: dict[str, Any] = data.get("files", {})
+        return files
+
+    def _save_state(self) -> None:
+        data = {
+            "uri": self.uri,
+            "revision": self.snapshot.revision,
+            "dest": str(self.dest_dir.relative_to(self.staging)),
+            "files": {t.rf.path: t.to_state() for t in self.tasks},
+        }
+        tmp = self.staging / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.staging / STATE_FILE)
+
+    def _plan(self) -> None:
+        previous = self._load_previous()
+        total = self.snapshot.total_bytes
+        chunk_size = self.config.chunk_size or choose_chunk_size(total, self.config.connections)
+        for rf in self.snapshot.files:
+            dest = self.dest_dir / rf.path
+            ranged = self.source.supports_ranges(rf) and rf.size is not None
+            prev = previous.get(rf.path)
+            same = (
+                prev is not None
+                and prev.get("size") == rf.size
+                and prev.get("etag") == rf.etag
+                and prev.get("source_sha256") == rf.sha256
+                and prev.get("ranged") == ranged
+                and dest.exists()
+            )
+            if same and prev is not None and ranged:
+                chunks = [Chunk(s, e, d) for s, e, d in prev["chunks"]]
+                sha = prev.get("sha256")
+            elif same and prev is not None and prev.get("sha256"):
+                chunks = [Chunk(s, e, d) for s, e, d in prev["chunks"]]  # a finished non-ranged file
+                sha = prev.get("sha256")
+            else:
+                chunks = [Chunk(s, e) for s, e in plan_chunks(rf.size, chunk_size, ranged)]
+                sha = None
+                with contextlib.suppress(FileNotFoundError):
+                    dest.unlink()
+            self.tasks.append(FileTask(rf, dest, ranged, chunks, sha256=sha if self._all_done(chunks) else None))
+
+    @staticmethod
+    def _all_done(chunks: list[Chunk]) -> bool:
+        return all(c.complete for c in chunks)
+
+    def _open_files(self) -> None:
+        for t in self.tasks:
+            t.dest.parent.mkdir(parents=True, exist_ok=True)
+            t.fd = os.open(t.dest, os.O_RDWR | os.O_CREAT, 0o644)
+            size = t.size
+            if size is None:
+                continue
+            try:
+                if os.fstat(t.fd).st_size != size:
+                    os.ftruncate(t.fd, size)
+                if self.config.preallocate and size > 0 and not t.complete():
+                    try:
+                        os.posix_fallocate(t.fd, 0, size)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        # EOPNOTSUPP/EINVAL: the filesystem cannot preallocate; writes will tell.
+            except OSError as exc:
+                raise _disk_error(exc, self.staging) from exc
+
+    def _close_files(self) -> None:
+        for t in self.tasks:
+            if t.fd >= 0:
+                os.close(t.fd)
+                t.fd = -1
+
+    def _checkpoint(self) -> None:
+        for t in self.tasks:
+            if t.dirty and t.fd >= 0:
+                os.fdatasync(t.fd)
+                t.dirty = False
+        self._save_state()
+
+    # -- run ---------------------------------------------------------------------------------
+    def remaining_bytes(self) -> int:
+        return sum((t.size or 0) - t.done_bytes() for t in self.tasks)
+
+    async def run(self) -> dict[str, str]:
+        """Returns {path: sha256}. Raises SourceError / IntegrityError / InsufficientSpaceError."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.dest_dir.mkdir(parents=True, exist_ok=True)
+        self._plan()
+        self._open_files()
+        total = self.snapshot.total_bytes
+        already = sum(t.done_bytes() for t in self.tasks)
+        self.on_event(ProgressEvent("plan", nbytes=already, total=total, message=f"{len(self.tasks)} files"))
+        stop = asyncio.Event()
+        checkpointer = asyncio.create_task(self._checkpoint_loop(stop))
+        hashers = [asyncio.create_task(self._hasher(t)) for t in self.tasks]
+        workers = [asyncio.create_task(self._worker()) for _ in range(max(1, self.config.connections))]
+        try:
+            await asyncio.gather(*workers)
+            await asyncio.gather(*hashers)
+        except BaseException:
+            for task in (*workers, *hashers):
+                task.cancel()
+            await asyncio.gather(*workers, *hashers, return_exceptions=True)
+            raise
+        finally:
+            stop.set()
+            await asyncio.gather(checkpointer, return_exceptions=True)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self._checkpoint)
+            self._close_files()
+        result: dict[str, str] = {}
+        for t in self.tasks:
+            assert t.sha256 is not None
+            if t.rf.sha256 and t.rf.sha256.lower() != t.sha256:
+                raise IntegrityError(
+                    f"{t.rf.path}: sha256 {t.sha256[:12]}… does not match the source's {t.rf.sha256[:12]}…"
+                )
+            result[t.rf.path] = t.sha256
+        self.on_event(ProgressEvent("done", nbytes=total, total=total))
+        return result
+
+    async def _checkpoint_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.checkpoint_interval)
+            if any(t.dirty for t in self.tasks):
+                await asyncio.to_thread(self._checkpoint)
+
+    # -- scheduling --------------------------------------------------------------------------
+    def _next(self) -> tuple[FileTask, Chunk] | None:
+        for t in self.tasks:
+            for c in t.chunks:
+                if not c.active and not c.complete:
+                    return t, c
+        # Nothing queued: take the back half of the biggest chunk still in flight.
+        best: tuple[int, FileTask, Chunk] | None = None
+        for t in self.tasks:
+            if not t.ranged:
+                continue
+            for c in t.chunks:
+                if c.active and c.end is not None:
+                    left = c.end - (c.start + c.done + c.buffered)
+                    if best is None or left > best[0]:
+                        best = (left, t, c)
+        if best is None:
+            return None
+        _, t, c = best
+        assert c.end is not None
+        cut = split_point(c.start, c.done + c.buffered, c.end)
+        if cut is None:
+            return None
+        new = Chunk(cut, c.end)
+        c.end = cut
+        t.chunks.append(new)
+        return t, new
+
+    def _busy(self) -> bool:
+        return any(c.active for t in self.tasks for c in t.chunks)
+
+    async def _worker(self) -> None:
+        while True:
+            item = self._next()
+            if item is None:
+                if not self._busy():
+                    return
+                await asyncio.sleep(0.05)
+                continue
+            t, c = item
+            c.active = True
+            try:
+                await self._fetch(t, c)
+            finally:
+                c.active = False
+                c.buffered = 0
+                t.changed.set()
+
+    async def _fetch(self, t: FileTask, c: Chunk) -> None:
+        attempt = 0
+        while True:
+            before = c.done
+            try:
+                await self._stream(t, c)
+                if c.end is None:
+                    c.end = c.done  # size learned at EOF
+                if not c.complete:
+                    raise TransientSourceError(
+                        f"{t.rf.path}: response ended early at byte {c.start + c.done} of {c.end}"
+                    )
+                if t.complete():
+                    self.on_event(ProgressEvent("file_done", t.rf.path, nbytes=t.size or 0))
+                return
+            except TransientSourceError as exc:
+                if c.done - before >= 8 * MiB:
+                    attempt = 0  # real progress: this is a flaky link, not a dead one
+                attempt += 1
+                if attempt > self.config.retries:
+                    raise SourceError(f"{exc.message} (gave up after {self.config.retries} retries)") from exc
+                if not t.ranged:  # cannot resume mid-file: start the stream again
+                    c.done = 0
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(t.fd, 0)
+                delay = backoff(attempt, self.config.retry_base)
+                self.on_event(ProgressEvent("retry", t.rf.path, message=f"{exc.message}; retry {attempt} in {delay:.1f}s"))
+                await asyncio.sleep(delay)
+
+    async def _stream(self, t: FileTask, c: Chunk) -> None:
+        pos = c.start + c.done
+        buf = bytearray()
+
+        async def flush() -> None:
+            nonlocal pos, buf
+            data, buf = buf, bytearray()  # hand the filled buffer to the writer thread; no copy
+            limit = len(data) if c.end is None else min(len(data), c.end - pos)
+            if limit > 0:
+                try:
+                    await asyncio.to_thread(_pwrite_all, t.fd, memoryview(data)[:limit], pos)
+                except OSError as exc:
+                    raise _disk_error(exc, self.staging) from exc
+                pos += limit
+                c.done += limit
+                t.dirty = True
+                t.changed.set()
+                self.on_event(ProgressEvent("advance", t.rf.path, nbytes=limit))
+            c.buffered = 0
+
+        if c.end is not None and pos >= c.end:
+            return
+        stream = self.source.read(t.rf, pos, c.end)
+        async with contextlib.aclosing(stream):
+            async for data in stream:
+                if self.limiter is not None:
+                    await self.limiter.take(len(data))
+                self.bytes_fetched += len(data)
+                buf += data
+                c.buffered = len(buf)
+                if c.end is not None and pos + len(buf) >= c.end:
+                    break  # reached the (possibly shortened) end
+                if len(buf) >= WRITE_BLOCK:
+                    await flush()
+        await flush()
+
+    # -- hashing -----------------------------------------------------------------------------
+    async def _hasher(self, t: FileTask) -> None:
+        if t.sha256 is not None:
+            return
+        h = hashlib.sha256()
+        pos = 0
+        while True:
+            if not t.ranged:
+                # A non-ranged stream may restart from zero on retry: hash once it is complete.
+                if t.complete():
+                    pos = await asyncio.to_thread(_hash_range, t.fd, h, 0, t.chunks[0].done)
+                    break
+            else:
+                prefix = t.contiguous()
+                if pos < prefix:
+                    pos = await asyncio.to_thread(_hash_range, t.fd, h, pos, prefix)
+                    continue
+                if t.complete():
+                    break
+            t.changed.clear()
+            await t.changed.wait()
+        t.sha256 = h.hexdigest()
+        t.dirty = True
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite may write less than asked (signals, some filesystems): loop until all is written."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _hash_range(fd: int, h: Any, start: int, end: int) -> int:
+    pos = start
+    while pos < end:
+        data = os.pread(fd, min(HASH_BLOCK, end - pos), pos)
+        if not data:
+            raise IntegrityError("staging file shrank while hashing")
+        h.update(data)
+        pos += len(data)
+    return pos
+
+
+def _disk_error(exc: OSError, where: Path) -> ModelcacheError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpaceError(f"no space left on the device holding {where}")
+    return ModelcacheError(f"cannot write to {where}: {exc.strerror}")
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_space(path: Path, needed: int) -> None:
+    free = free_bytes(path)
+    if needed > free:
+        raise InsufficientSpaceError(
+            f"need {format_bytes(needed)} but only {format_bytes(free)} is free on the device holding {path}"
+        )

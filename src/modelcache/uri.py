@@ -1,0 +1,124 @@
+"""Model URIs: parsing, the storage key, and sub-path matching.
+
+The storage key is KServe's (>= 0.18): the first 16 hex chars of sha256 of the *exact* URI string.
+KServe's pod mutator mounts `models/<key>`, so we must never normalise a URI before hashing it
+(a trailing slash gives another key there too). Plain local paths are the one exception: they are
+not URIs, so we turn them into `file://` + absolute path first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from modelcache.errors import UsageError
+
+KEY_LENGTH = 16
+_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+#: Schemes we know of. The value is the module under modelcache.sources that serves it, or None
+#: when the scheme is recognised (KServe accepts it) but not implemented in this build.
+SCHEMES: dict[str, str | None] = {
+    "file": "file",
+    "http": "http",
+    "https": "http",
+    "hf": None,
+    "s3": None,
+    "gs": None,
+    "az": None,
+    "oci": None,
+    "pvc": None,
+}
+
+
+def storage_key(uri: str) -> str:
+    """KServe-compatible cache key of an exact URI string."""
+    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:KEY_LENGTH]
+
+
+def is_key(text: str) -> bool:
+    return bool(_KEY_RE.match(text))
+
+
+@dataclass(frozen=True)
+class ModelURI:
+    """A validated URI. `uri` is the exact string the key is computed from."""
+
+    uri: str
+    scheme: str
+    host: str
+    path: str
+
+    @property
+    def key(self) -> str:
+        return storage_key(self.uri)
+
+    @property
+    def local_path(self) -> str:
+        """Filesystem path of a file:// URI."""
+        return unquote(self.path)
+
+
+def parse_uri(text: str) -> ModelURI:
+    """Validate a model URI (or a local path) and say exactly what is wrong with a bad one."""
+    raw = text.strip()
+    if not raw:
+        raise UsageError("empty model URI")
+    if any(c in raw for c in "\n\r\t\x00"):
+        raise UsageError(f"malformed URI {raw!r}: contains control characters")
+    m = _SCHEME_RE.match(raw)
+    if m is None:
+        if "://" in raw or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:[^/\\]", raw) and not os.path.exists(raw):
+            raise UsageError(f"malformed URI {raw!r}: expected scheme://..., e.g. https://host/model.tar.gz")
+        raw = "file://" + os.path.abspath(os.path.expanduser(raw))
+        m = _SCHEME_RE.match(raw)
+        assert m is not None
+    scheme = m.group(1).lower()
+    if scheme not in SCHEMES:
+        known = ", ".join(sorted(SCHEMES))
+        raise UsageError(f"unknown URI scheme {scheme!r} in {raw!r} (known: {known})")
+    try:
+        parts = urlsplit(raw)
+        port = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise UsageError(f"malformed URI {raw!r}: {exc}") from exc
+    del port
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise UsageError(f"malformed URI {raw!r}: file URIs take no host (use file:///abs/path)")
+        if not parts.path.startswith("/"):
+            raise UsageError(f"malformed URI {raw!r}: file URIs need an absolute path")
+    elif scheme in ("http", "https"):
+        if not parts.hostname:
+            raise UsageError(f"malformed URI {raw!r}: no host")
+        if parts.path in ("", "/"):
+            raise UsageError(f"malformed URI {raw!r}: no path to a model file or archive")
+    elif not parts.netloc and not parts.path.strip("/"):
+        raise UsageError(f"malformed URI {raw!r}: nothing after {scheme}://")
+    return ModelURI(uri=raw, scheme=scheme, host=parts.netloc, path=parts.path)
+
+
+def sub_path(storage_uri: str, cache_uri: str) -> str | None:
+    """'' when equal, '/rest' when storage_uri is below cache_uri, None otherwise (slashes trimmed, as KServe)."""
+    s, c = storage_uri.rstrip("/"), cache_uri.rstrip("/")
+    if s == c:
+        return ""
+    if s.startswith(c + "/"):
+        return s[len(c) :]
+    return None
+
+
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|"
+    r"access_token|api_key|key|x-goog-signature|x-goog-credential|se|sp|sv|skoid)=)[^&#]*"
+)
+
+
+def redact(uri: str) -> str:
+    """A URI safe for logs, errors and status: no userinfo password, no signed query parameters."""
+    out = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]*)@", lambda m: m.group(1) + "***@", uri)
+    return _SECRET_QUERY.sub(lambda m: m.group(1) + "***", out)

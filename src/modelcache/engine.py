@@ -43,7 +43,9 @@ class PullResult:
     waited_for_other: bool = False
 
 
-async def resolve_with_retries(source: Source, config: TransferConfig) -> Snapshot:
+async def resolve_with_retries(
+    source: Source, config: TransferConfig, on_event: Callable[[ProgressEvent], None] | None = None
+) -> Snapshot:
     attempt = 0
     while True:
         try:
@@ -52,7 +54,10 @@ async def resolve_with_retries(source: Source, config: TransferConfig) -> Snapsh
             attempt += 1
             if attempt > config.retries:
                 raise SourceError(f"{exc.message} (gave up after {config.retries} retries)") from exc
-            await asyncio.sleep(backoff(attempt, config.retry_base))
+            delay = backoff(attempt, config.retry_base)
+            if on_event:
+                on_event(ProgressEvent("retry", message=f"{exc.message}; retry {attempt} in {delay:.1f}s"))
+            await asyncio.sleep(delay)
 
 
 async def pull(
@@ -103,7 +108,7 @@ async def _download(
     staging = store.staging_dir(uri.key)
     fetched = 0
     try:
-        snapshot = await resolve_with_retries(source, config)
+        snapshot = await resolve_with_retries(source, config, on_event)
         for attempt in (1, 2):
             dest = staging / ("download" if snapshot.archive else "files")
             transfer = Transfer(source, snapshot, staging, dest, uri=uri.uri, config=config, on_event=on_event)

@@ -37,7 +37,7 @@ from modelcache.sources.base import RemoteFile, Snapshot, Source
 MiB = 1 << 20
 WRITE_BLOCK = 1 * MiB
 HASH_BLOCK = 4 * MiB
-MIN_STEAL = 2 * MiB  # never split a chunk whose remainder is smaller than this
+MIN_STEAL = 16 * MiB  # split only chunks with this much left: a cut wastes what the server already sent
 STATE_FILE = "state.json"
 
 

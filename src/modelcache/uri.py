@@ -72,7 +72,7 @@ def parse_uri(text: str) -> ModelURI:
         raise UsageError(f"malformed URI {raw!r}: contains control characters")
     m = _SCHEME_RE.match(raw)
     if m is None:
-        if "://" in raw or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:[^/\\]", raw) and not os.path.exists(raw):
+        if "://" in raw or (re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", raw) and not os.path.exists(raw)):
             raise UsageError(f"malformed URI {raw!r}: expected scheme://..., e.g. https://host/model.tar.gz")
         raw = "file://" + os.path.abspath(os.path.expanduser(raw))
         m = _SCHEME_RE.match(raw)

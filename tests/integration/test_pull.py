@@ -1,0 +1,203 @@
+"""The engine end to end through the CLI, against a real Range-capable origin on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_one_line_error, run_cli, write_random
+from tests.support.origin import FaultRule, Origin
+
+MiB = 1 << 20
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_http_single_file_parallel_chunks(home: Path, origin: Origin, origin_root: Path) -> None:
+    data = write_random(origin_root / "model.safetensors", 40 * MiB + 12345)
+    url = origin.url_for("/model.safetensors")
+    proc = run_cli(home, "pull", url, MODELCACHE_CHUNK_SIZE=str(4 * MiB))
+    assert proc.returncode == 0, proc.stderr
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    assert path == home / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    assert (path / "model.safetensors").read_bytes() == data
+    ranged = [r for r in origin.requests if r.method == "GET" and r.range]
+    assert len(ranged) >= 10  # really fetched in parallel chunks
+    assert origin.bytes_sent_for("/model.safetensors") == len(data)  # and each byte once
+    # warm: a hit, nothing fetched
+    origin.reset_stats()
+    again = run_cli(home, "pull", url, "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["hit"] is True
+    assert origin.bytes_sent == 0
+    assert run_cli(home, "path", url).stdout.strip() == str(path)
+    assert not list((home / ".modelcache" / "staging").iterdir())
+
+
+def test_source_digest_is_checked(home: Path, origin_root: Path) -> None:
+    write_random(origin_root / "w.bin", 3 * MiB)
+    with Origin(origin_root, digest=True) as o:
+        proc = run_cli(home, "pull", o.url_for("/w.bin"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)
+    show = json.loads(run_cli(home, "show", rec["key"], "--json").stdout)
+    assert show["files"][0]["sha256"] == hashlib.sha256((origin_root / "w.bin").read_bytes()).hexdigest()
+
+
+def test_wrong_source_digest_is_an_integrity_error(home: Path, origin: Origin, origin_root: Path) -> None:
+    write_random(origin_root / "w.bin", 1 * MiB)
+    bogus = "sha-256=:" + "A" * 43 + "=:"
+    origin.add_fault(FaultRule("status", path="/w.bin", methods=("HEAD",), status=200, headers={"Repr-Digest": bogus,
+                                                                                            "Content-Length": str(MiB),
+                                                                                            "Accept-Ranges": "bytes"}))
+    proc = run_cli(home, "pull", origin.url_for("/w.bin"))
+    line = assert_one_line_error(proc, 4)
+    assert "sha256" in line
+    assert not (home / "models").exists() or not list((home / "models").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "tgz", "tar", "zip"])
+def test_archives_are_unpacked(home: Path, origin: Origin, origin_root: Path, tmp_path: Path, kind: str) -> None:
+    src = tmp_path / "m"
+    write_random(src / "weights" / "a.bin", 2 * MiB, seed=1)
+    (src / "config.json").write_text('{"x": 1}')
+    name = f"model.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(origin_root / name, "w") as zf:
+            for p in src.rglob("*"):
+                zf.write(p, p.relative_to(src).as_posix())
+    else:
+        with tarfile.open(origin_root / name, "w:gz" if "gz" in kind else "w") as tf:
+            tf.add(src, arcname=".")
+    proc = run_cli(home, "pull", origin.url_for("/" + name))
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(Path(proc.stdout.strip())) == tree_digest(src)
+    assert run_cli(home, "verify", "--full").returncode == 0
+
+
+def test_server_without_ranges(home: Path, origin_root: Path) -> None:
+    data = write_random(origin_root / "x.bin", 5 * MiB)
+    with Origin(origin_root, ranges=False) as o:
+        proc = run_cli(home, "pull", o.url_for("/x.bin"))
+        assert proc.returncode == 0, proc.stderr
+        assert all(r.range is None for r in o.requests)
+    assert (Path(proc.stdout.strip()) / "x.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        FaultRule("reset", first=3, after_bytes=100_000),
+        FaultRule("status", first=3, status=500),
+        FaultRule("status", first=2, status=503, methods=("HEAD",)),
+        FaultRule("truncate", first=3, after_bytes=50_000),
+        FaultRule("stall", first=1, after_bytes=10_000, seconds=4),
+    ],
+    ids=["reset", "500", "503-on-head", "truncate", "stall"],
+)
+def test_faults_recover(home: Path, origin: Origin, origin_root: Path, rule: FaultRule) -> None:
+    data = write_random(origin_root / "f.bin", 12 * MiB)
+    origin.add_fault(rule)
+    proc = run_cli(home, "pull", origin.url_for("/f.bin"), MODELCACHE_CHUNK_SIZE=str(4 * MiB),
+                   MODELCACHE_CONNECTIONS="4")
+    assert proc.returncode == 0, proc.stderr
+    assert (Path(proc.stdout.strip()) / "f.bin").read_bytes() == data
+    assert "retry" in proc.stderr or rule.methods == ("HEAD",)
+
+
+def test_persistent_faults_end_in_exit_6_and_nothing_published(home: Path, origin: Origin, origin_root: Path) -> None:
+    write_random(origin_root / "f.bin", 2 * MiB)
+    origin.add_fault(FaultRule("reset", methods=("GET",), after_bytes=1000))
+    proc = run_cli(home, "pull", origin.url_for("/f.bin"))
+    line = assert_one_line_error(proc, 6)
+    assert "gave up" in line
+    assert run_cli(home, "path", origin.url_for("/f.bin")).returncode == 3
+    listing = json.loads(run_cli(home, "list", "--json").stdout)
+    assert [m["state"] for m in listing] == ["partial"]  # kept for resume, never shown complete
+
+
+def test_bad_inputs_are_one_line_errors(home: Path, origin: Origin, origin_root: Path, tmp_path: Path) -> None:
+    cases: list[tuple[list[str], int, str]] = [
+        (["pull", "foo://bucket/x"], 2, "unknown URI scheme"),
+        (["pull", "http://"], 2, "malformed"),
+        (["pull", "https://host:notaport/x"], 2, "malformed"),
+        (["pull", "http://127.0.0.1:9/model.bin"], 6, "cannot connect"),
+        (["pull", origin.url_for("/missing.bin")], 3, "not found"),
+        (["pull", str(tmp_path / "nope")], 3, "no such file"),
+        (["gc", "--max-size", "ten gigs"], 2, "invalid size"),
+        (["path", "file:///not/cached"], 3, "not cached"),
+        (["rm", "file:///not/cached"], 3, "not cached"),
+        (["pull", "s3://bucket/model"], 2, "not supported"),
+    ]
+    for args, code, fragment in cases:
+        proc = run_cli(home, *args)
+        line = assert_one_line_error(proc, code)
+        assert fragment in line, (args, line)
+
+
+def _evil_tar(path: Path, member: str, *, symlink: str | None = None) -> None:
+    with tarfile.open(path, "w") as tf:
+        good = tarfile.TarInfo("ok.txt")
+        good.size = 2
+        tf.addfile(good, io.BytesIO(b"ok"))
+        info = tarfile.TarInfo(member)
+        if symlink is not None:
+            info.type = tarfile.SYMTYPE
+            info.linkname = symlink
+            tf.addfile(info)
+        else:
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"evil"))
+
+
+@pytest.mark.parametrize(
+    ("member", "symlink"),
+    [("../escape.txt", None), ("a/../../escape.txt", None), ("/tmp/escape-abs.txt", None), ("link", "/etc")],
+    ids=["dotdot", "nested-dotdot", "absolute", "symlink"],
+)
+def test_unsafe_archives_rejected(home: Path, origin: Origin, origin_root: Path, tmp_path: Path,
+                                  member: str, symlink: str | None) -> None:
+    _evil_tar(origin_root / "evil.tar", member, symlink=symlink)
+    before = set(tmp_path.rglob("*"))
+    proc = run_cli(home, "pull", origin.url_for("/evil.tar"))
+    line = assert_one_line_error(proc, 4)
+    assert "unsafe archive member" in line
+    after = {p for p in tmp_path.rglob("*") if not p.is_relative_to(home)}
+    assert after <= before  # nothing written outside the cache root
+    assert not Path("/tmp/escape-abs.txt").exists()
+    assert not list((home / ".modelcache" / "staging").iterdir())
+    assert run_cli(home, "path", origin.url_for("/evil.tar")).returncode == 3
+
+
+def test_unsafe_zip_rejected(home: Path, origin: Origin, origin_root: Path) -> None:
+    with zipfile.ZipFile(origin_root / "evil.zip", "w") as zf:
+        zf.writestr("ok.txt", "ok")
+        zf.writestr("../../zip-escape.txt", "evil")
+    proc = run_cli(home, "pull", origin.url_for("/evil.zip"))
+    assert "unsafe archive member" in assert_one_line_error(proc, 4)
+
+
+def test_file_source_directory(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "local-model"
+    write_random(src / "model.bin", 3 * MiB)
+    (src / "tok" / "vocab.json").parent.mkdir()
+    (src / "tok" / "vocab.json").write_text("{}")
+    (src / "empty.txt").write_text("")
+    proc = run_cli(home, "pull", str(src), "--exclude", "*.txt")
+    assert proc.returncode == 0, proc.stderr
+    out = Path(proc.stdout.strip())
+    assert tree_digest(out) == {k: v for k, v in tree_digest(src).items() if not k.endswith(".txt")}
+    listing = json.loads(run_cli(home, "list", "--json").stdout)
+    assert listing[0]["uri"] == f"file://{src}"
+    assert {"key", "uri", "path", "size_bytes", "state", "revision", "last_used_at", "pinned"} <= listing[0].keys()

@@ -1,0 +1,110 @@
+"""Pure pieces: quantities, URIs and keys, chunk planning, eviction plans."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from modelcache.errors import UsageError
+from modelcache.quantity import format_bytes, parse_quantity
+from modelcache.store.evict import Candidate, plan_eviction
+from modelcache.transfer import backoff, choose_chunk_size, plan_chunks, split_point
+from modelcache.uri import parse_uri, redact, storage_key, sub_path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("500Mi", 500 * 2**20), ("10Gi", 10 * 2**30), ("1.7T", 1_700_000_000_000), ("123", 123),
+     ("1k", 1000), ("0.5Ki", 512), ("1e3", 1000), ("1.5", 2)],
+)
+def test_quantities(text: str, expected: int) -> None:
+    assert parse_quantity(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "10GB", "-1Gi", "1.2.3", "Gi", "1e3Gi"])
+def test_bad_quantities(bad: str) -> None:
+    with pytest.raises(UsageError, match="invalid size"):
+        parse_quantity(bad)
+
+
+def test_format_bytes() -> None:
+    assert format_bytes(0) == "0 B"
+    assert format_bytes(3 * 2**30) == "3.0 GiB"
+
+
+def test_storage_key_is_kserve_compatible() -> None:
+    uri = "hf://meta-llama/Llama-3.1-8B-Instruct"
+    assert storage_key(uri) == hashlib.sha256(uri.encode()).hexdigest()[:16]
+    assert storage_key(uri + "/") != storage_key(uri)  # exact string, as KServe
+    assert parse_uri(uri).key == storage_key(uri)
+
+
+def test_local_paths_become_file_uris(tmp_path: object) -> None:
+    m = parse_uri("/tmp/some model")
+    assert m.uri == "file:///tmp/some model" and m.scheme == "file"
+
+
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [("foo://x/y", "unknown URI scheme"), ("http://", "no host"), ("https://host", "no path"),
+     ("file://host/x", "take no host"), ("http://h:99999/x", "malformed"), ("", "empty"),
+     ("s3:/bucket", "malformed"), ("http://h/a\nb", "control characters")],
+)
+def test_bad_uris(bad: str, fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        parse_uri(bad)
+
+
+def test_sub_path_matching() -> None:
+    assert sub_path("s3://b/m", "s3://b/m/") == ""
+    assert sub_path("s3://b/m/v1/", "s3://b/m") == "/v1"
+    assert sub_path("s3://b/model2", "s3://b/m") is None
+
+
+def test_redact() -> None:
+    assert redact("https://user:pw@h/x") == "https://***@h/x"
+    assert "secret" not in redact("https://h/x?X-Amz-Signature=secret&a=1")
+
+
+def test_plan_chunks_cover_file_exactly() -> None:
+    chunks = plan_chunks(100, 30, ranged=True)
+    assert chunks == [(0, 30), (30, 60), (60, 90), (90, 100)]
+    assert plan_chunks(100, 30, ranged=False) == [(0, 100)]
+    assert plan_chunks(None, 30, ranged=True) == [(0, None)]
+    assert plan_chunks(0, 30, ranged=True) == [(0, 0)]
+
+
+def test_chunk_size_bounds() -> None:
+    mib = 2**20
+    assert choose_chunk_size(10 * mib, 16) == 8 * mib
+    assert choose_chunk_size(100 * 2**30, 16) == 64 * mib
+    assert 8 * mib <= choose_chunk_size(2 * 2**30, 16) <= 64 * mib
+
+
+def test_split_point() -> None:
+    mib = 2**20
+    cut = split_point(0, 0, 64 * mib)
+    assert cut is not None and 0 < cut < 64 * mib
+    assert split_point(0, 60 * mib, 64 * mib) is None  # too little left to be worth a request
+
+
+def test_backoff_is_bounded_and_grows() -> None:
+    assert all(0 <= backoff(1, 0.5) <= 0.5 for _ in range(50))
+    assert max(backoff(10, 0.5, cap=3) for _ in range(200)) <= 3
+
+
+def test_eviction_plan_lru_and_protection() -> None:
+    models = [
+        Candidate("old", 40, last_used_at=1),
+        Candidate("pinned", 40, last_used_at=0, pinned=True),
+        Candidate("busy", 40, last_used_at=0.5, in_use=True),
+        Candidate("mid", 40, last_used_at=2),
+        Candidate("new", 40, last_used_at=3),
+    ]
+    plan = plan_eviction(models, 130)
+    assert plan.evict == ["old", "mid"]
+    assert plan.satisfied and plan.total_after == 120
+    assert plan_eviction(models, 1000).evict == []
+    impossible = plan_eviction(models, 50)
+    assert set(impossible.evict) == {"old", "mid", "new"} and not impossible.satisfied

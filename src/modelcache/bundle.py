@@ -83,7 +83,7 @@ def _unpack(tf: tarfile.TarFile, manifest: Manifest, root: Path) -> None:
     expected = {f.path: f for f in manifest.files}
     seen: set[str] = set()
     for m in tf:
-        if m.isdir():
+        if m.isdir() or m.name == MANIFEST_NAME:
             continue
         if not m.name.startswith(PREFIX):
             raise UnsafeArchiveError(f"unexpected bundle member {m.name!r}")

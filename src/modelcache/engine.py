@@ -91,8 +91,12 @@ async def pull(
         if rec is not None:  # the other process finished it
             store.touch(rec.key)
             return PullResult(rec, hit=True, seconds=time.monotonic() - t0, waited_for_other=waited)
-        fetched, rec = await _download(store, uri, options or SourceOptions(), config or TransferConfig(), on_event)
-        return PullResult(rec, hit=False, seconds=time.monotonic() - t0, bytes_fetched=fetched, waited_for_other=waited)
+        fetched, rec = await _download(
+            store, uri, options or SourceOptions(), config or TransferConfig(), on_event
+        )
+        return PullResult(
+            rec, hit=False, seconds=time.monotonic() - t0, bytes_fetched=fetched, waited_for_other=waited
+        )
     finally:
         lock.release()
 
@@ -111,7 +115,9 @@ async def _download(
         snapshot = await resolve_with_retries(source, config, on_event)
         for attempt in (1, 2):
             dest = staging / ("download" if snapshot.archive else "files")
-            transfer = Transfer(source, snapshot, staging, dest, uri=uri.uri, config=config, on_event=on_event)
+            transfer = Transfer(
+                source, snapshot, staging, dest, uri=uri.uri, config=config, on_event=on_event
+            )
             staging.mkdir(parents=True, exist_ok=True)
             needed = _remaining(transfer, snapshot) * (2 if snapshot.archive else 1)
             check_space(staging, needed)
@@ -130,7 +136,11 @@ async def _download(
             uri=uri.uri,
             revision=snapshot.revision,
             created_at=time.time(),
-            source={"scheme": uri.scheme, **snapshot.extra, **({"archive": snapshot.archive} if snapshot.archive else {})},
+            source={
+                "scheme": uri.scheme,
+                **snapshot.extra,
+                **({"archive": snapshot.archive} if snapshot.archive else {}),
+            },
             files=entries,
         )
         rec = store.publish(staging / "files", manifest)
@@ -172,5 +182,11 @@ def _finish_tree(staging: Path, snapshot: Snapshot, digests: dict[str, str]) -> 
         if not entries:
             raise IntegrityError(f"{snapshot.files[0].path}: archive holds no files")
         return entries
-    return [FileEntry(path=f.path, size=f.size if f.size is not None else (files_dir / f.path).stat().st_size,
-                      sha256=digests[f.path]) for f in snapshot.files]
+    return [
+        FileEntry(
+            path=f.path,
+            size=f.size if f.size is not None else (files_dir / f.path).stat().st_size,
+            sha256=digests[f.path],
+        )
+        for f in snapshot.files
+    ]

@@ -63,7 +63,7 @@ class AuthError(SourceError):
 
 
 class TransientSourceError(SourceError):
-    """A failure worth retrying (reset, timeout, 5xx, short body). Becomes SourceError when retries run out."""
+    """A failure worth retrying (reset, timeout, 5xx, short body); SourceError once retries run out."""
 
 
 class ConflictError(ModelcacheError):

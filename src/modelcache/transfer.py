@@ -182,7 +182,9 @@ class RateLimiter:
 @dataclass
 class TransferConfig:
     connections: int = int(os.environ.get("MODELCACHE_CONNECTIONS", "16"))
-    chunk_size: int | None = int(os.environ["MODELCACHE_CHUNK_SIZE"]) if "MODELCACHE_CHUNK_SIZE" in os.environ else None
+    chunk_size: int | None = (
+        int(os.environ["MODELCACHE_CHUNK_SIZE"]) if "MODELCACHE_CHUNK_SIZE" in os.environ else None
+    )
     retries: int = int(os.environ.get("MODELCACHE_RETRIES", "5"))
     retry_base: float = float(os.environ.get("MODELCACHE_RETRY_BASE", "0.5"))
     checkpoint_interval: float = 0.5
@@ -264,7 +266,9 @@ class Transfer:
                 sha = None
                 with contextlib.suppress(FileNotFoundError):
                     dest.unlink()
-            self.tasks.append(FileTask(rf, dest, ranged, chunks, sha256=sha if self._all_done(chunks) else None))
+            self.tasks.append(
+                FileTask(rf, dest, ranged, chunks, sha256=sha if self._all_done(chunks) else None)
+            )
 
     @staticmethod
     def _all_done(chunks: list[Chunk]) -> bool:
@@ -426,7 +430,11 @@ class Transfer:
                     with contextlib.suppress(OSError):
                         os.ftruncate(t.fd, 0)
                 delay = backoff(attempt, self.config.retry_base)
-                self.on_event(ProgressEvent("retry", t.rf.path, message=f"{exc.message}; retry {attempt} in {delay:.1f}s"))
+                self.on_event(
+                    ProgressEvent(
+                        "retry", t.rf.path, message=f"{exc.message}; retry {attempt} in {delay:.1f}s"
+                    )
+                )
                 await asyncio.sleep(delay)
 
     async def _stream(self, t: FileTask, c: Chunk) -> None:

@@ -103,7 +103,7 @@ def parse_uri(text: str) -> ModelURI:
 
 
 def sub_path(storage_uri: str, cache_uri: str) -> str | None:
-    """'' when equal, '/rest' when storage_uri is below cache_uri, None otherwise (slashes trimmed, as KServe)."""
+    """'' when equal, '/rest' when storage_uri is below cache_uri, else None (slashes trimmed, as KServe)."""
     s, c = storage_uri.rstrip("/"), cache_uri.rstrip("/")
     if s == c:
         return ""

@@ -58,9 +58,15 @@ def test_source_digest_is_checked(home: Path, origin_root: Path) -> None:
 def test_wrong_source_digest_is_an_integrity_error(home: Path, origin: Origin, origin_root: Path) -> None:
     write_random(origin_root / "w.bin", 1 * MiB)
     bogus = "sha-256=:" + "A" * 43 + "=:"
-    origin.add_fault(FaultRule("status", path="/w.bin", methods=("HEAD",), status=200, headers={"Repr-Digest": bogus,
-                                                                                            "Content-Length": str(MiB),
-                                                                                            "Accept-Ranges": "bytes"}))
+    origin.add_fault(
+        FaultRule(
+            "status",
+            path="/w.bin",
+            methods=("HEAD",),
+            status=200,
+            headers={"Repr-Digest": bogus, "Content-Length": str(MiB), "Accept-Ranges": "bytes"},
+        )
+    )
     proc = run_cli(home, "pull", origin.url_for("/w.bin"))
     line = assert_one_line_error(proc, 4)
     assert "sha256" in line
@@ -68,7 +74,9 @@ def test_wrong_source_digest_is_an_integrity_error(home: Path, origin: Origin, o
 
 
 @pytest.mark.parametrize("kind", ["tar.gz", "tgz", "tar", "zip"])
-def test_archives_are_unpacked(home: Path, origin: Origin, origin_root: Path, tmp_path: Path, kind: str) -> None:
+def test_archives_are_unpacked(
+    home: Path, origin: Origin, origin_root: Path, tmp_path: Path, kind: str
+) -> None:
     src = tmp_path / "m"
     write_random(src / "weights" / "a.bin", 2 * MiB, seed=1)
     (src / "config.json").write_text('{"x": 1}')
@@ -109,14 +117,17 @@ def test_server_without_ranges(home: Path, origin_root: Path) -> None:
 def test_faults_recover(home: Path, origin: Origin, origin_root: Path, rule: FaultRule) -> None:
     data = write_random(origin_root / "f.bin", 12 * MiB)
     origin.add_fault(rule)
-    proc = run_cli(home, "pull", origin.url_for("/f.bin"), MODELCACHE_CHUNK_SIZE=str(4 * MiB),
-                   MODELCACHE_CONNECTIONS="4")
+    proc = run_cli(
+        home, "pull", origin.url_for("/f.bin"), MODELCACHE_CHUNK_SIZE=str(4 * MiB), MODELCACHE_CONNECTIONS="4"
+    )
     assert proc.returncode == 0, proc.stderr
     assert (Path(proc.stdout.strip()) / "f.bin").read_bytes() == data
     assert "retry" in proc.stderr or rule.methods == ("HEAD",)
 
 
-def test_persistent_faults_end_in_exit_6_and_nothing_published(home: Path, origin: Origin, origin_root: Path) -> None:
+def test_persistent_faults_end_in_exit_6_and_nothing_published(
+    home: Path, origin: Origin, origin_root: Path
+) -> None:
     write_random(origin_root / "f.bin", 2 * MiB)
     origin.add_fault(FaultRule("reset", methods=("GET",), after_bytes=1000))
     proc = run_cli(home, "pull", origin.url_for("/f.bin"))
@@ -127,7 +138,9 @@ def test_persistent_faults_end_in_exit_6_and_nothing_published(home: Path, origi
     assert [m["state"] for m in listing] == ["partial"]  # kept for resume, never shown complete
 
 
-def test_bad_inputs_are_one_line_errors(home: Path, origin: Origin, origin_root: Path, tmp_path: Path) -> None:
+def test_bad_inputs_are_one_line_errors(
+    home: Path, origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
     cases: list[tuple[list[str], int, str]] = [
         (["pull", "foo://bucket/x"], 2, "unknown URI scheme"),
         (["pull", "http://"], 2, "malformed"),
@@ -166,8 +179,9 @@ def _evil_tar(path: Path, member: str, *, symlink: str | None = None) -> None:
     [("../escape.txt", None), ("a/../../escape.txt", None), ("/tmp/escape-abs.txt", None), ("link", "/etc")],
     ids=["dotdot", "nested-dotdot", "absolute", "symlink"],
 )
-def test_unsafe_archives_rejected(home: Path, origin: Origin, origin_root: Path, tmp_path: Path,
-                                  member: str, symlink: str | None) -> None:
+def test_unsafe_archives_rejected(
+    home: Path, origin: Origin, origin_root: Path, tmp_path: Path, member: str, symlink: str | None
+) -> None:
     _evil_tar(origin_root / "evil.tar", member, symlink=symlink)
     before = set(tmp_path.rglob("*"))
     proc = run_cli(home, "pull", origin.url_for("/evil.tar"))
@@ -200,4 +214,6 @@ def test_file_source_directory(home: Path, tmp_path: Path) -> None:
     assert tree_digest(out) == {k: v for k, v in tree_digest(src).items() if not k.endswith(".txt")}
     listing = json.loads(run_cli(home, "list", "--json").stdout)
     assert listing[0]["uri"] == f"file://{src}"
-    assert {"key", "uri", "path", "size_bytes", "state", "revision", "last_used_at", "pinned"} <= listing[0].keys()
+    assert {"key", "uri", "path", "size_bytes", "state", "revision", "last_used_at", "pinned"} <= listing[
+        0
+    ].keys()

@@ -15,8 +15,16 @@ from modelcache.uri import parse_uri, redact, storage_key, sub_path
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("500Mi", 500 * 2**20), ("10Gi", 10 * 2**30), ("1.7T", 1_700_000_000_000), ("123", 123),
-     ("1k", 1000), ("0.5Ki", 512), ("1e3", 1000), ("1.5", 2)],
+    [
+        ("500Mi", 500 * 2**20),
+        ("10Gi", 10 * 2**30),
+        ("1.7T", 1_700_000_000_000),
+        ("123", 123),
+        ("1k", 1000),
+        ("0.5Ki", 512),
+        ("1e3", 1000),
+        ("1.5", 2),
+    ],
 )
 def test_quantities(text: str, expected: int) -> None:
     assert parse_quantity(text) == expected
@@ -47,9 +55,16 @@ def test_local_paths_become_file_uris(tmp_path: object) -> None:
 
 @pytest.mark.parametrize(
     ("bad", "fragment"),
-    [("foo://x/y", "unknown URI scheme"), ("http://", "no host"), ("https://host", "no path"),
-     ("file://host/x", "take no host"), ("http://h:99999/x", "malformed"), ("", "empty"),
-     ("s3:/bucket", "malformed"), ("http://h/a\nb", "control characters")],
+    [
+        ("foo://x/y", "unknown URI scheme"),
+        ("http://", "no host"),
+        ("https://host", "no path"),
+        ("file://host/x", "take no host"),
+        ("http://h:99999/x", "malformed"),
+        ("", "empty"),
+        ("s3:/bucket", "malformed"),
+        ("http://h/a\nb", "control characters"),
+    ],
 )
 def test_bad_uris(bad: str, fragment: str) -> None:
     with pytest.raises(UsageError, match=fragment):

@@ -43,13 +43,16 @@ G = Globals()
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": record.created, "level": record.levelname.lower(), "msg": record.getMessage()})
+        return json.dumps(
+            {"ts": record.created, "level": record.levelname.lower(), "msg": record.getMessage()}
+        )
 
 
 @app.callback()
 def _globals(
     home: Annotated[
-        Path | None, typer.Option("--home", envvar="MODELCACHE_HOME", help="Cache root (default ~/.cache/modelcache).")
+        Path | None,
+        typer.Option("--home", envvar="MODELCACHE_HOME", help="Cache root (default ~/.cache/modelcache)."),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Tracebacks and debug logs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -87,10 +90,18 @@ def _ago(ts: float | None) -> str:
 @app.command()
 def pull(
     uri: Annotated[str, typer.Argument(help="Model URI (file://, http(s)://) or a local path.")],
-    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit (sources with revisions).")] = None,
-    include: Annotated[list[str] | None, typer.Option(help="Only files matching this glob (repeatable).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Skip files matching this glob (repeatable).")] = None,
-    connections: Annotated[int | None, typer.Option(min=1, max=256, help="Parallel connections (default 16).")] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch, tag or commit (sources with revisions).")
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Only files matching this glob (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Skip files matching this glob (repeatable).")
+    ] = None,
+    connections: Annotated[
+        int | None, typer.Option(min=1, max=256, help="Parallel connections (default 16).")
+    ] = None,
     limit_rate: Annotated[str | None, typer.Option(help="Bandwidth cap per second, e.g. 50Mi.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the path.")] = False,
 ) -> None:
@@ -115,13 +126,27 @@ def pull(
         result = asyncio.run(do_pull(store, uri, options=options, config=config, on_event=progress))
     rec = result.record
     if result.hit:
-        log.info("cache hit: %s (%s) in %.0f ms", rec.key, format_bytes(rec.size_bytes), result.seconds * 1000)
+        log.info(
+            "cache hit: %s (%s) in %.0f ms", rec.key, format_bytes(rec.size_bytes), result.seconds * 1000
+        )
     else:
         rate = result.bytes_fetched / max(result.seconds, 1e-9)
-        log.info("pulled %s: %s in %.1f s (%s/s)", rec.key, format_bytes(rec.size_bytes), result.seconds, format_bytes(rate))
+        log.info(
+            "pulled %s: %s in %.1f s (%s/s)",
+            rec.key,
+            format_bytes(rec.size_bytes),
+            result.seconds,
+            format_bytes(rate),
+        )
     if as_json:
-        _emit_json({**rec.as_dict(), "hit": result.hit, "seconds": round(result.seconds, 3),
-                    "bytes_fetched": result.bytes_fetched})
+        _emit_json(
+            {
+                **rec.as_dict(),
+                "hit": result.hit,
+                "seconds": round(result.seconds, 3),
+                "bytes_fetched": result.bytes_fetched,
+            }
+        )
     else:
         sys.stdout.write(f"{rec.path}\n")
 
@@ -150,13 +175,22 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON list of mod
     for col in ("KEY", "STATE", "SIZE", "FILES", "LAST USED", "PIN", "URI"):
         table.add_column(col, justify="right" if col in ("SIZE", "FILES") else "left")
     for r in records:
-        table.add_row(r.key, r.state, format_bytes(r.size_bytes), str(r.file_count), _ago(r.last_used_at),
-                      "yes" if r.pinned else "", r.uri)
+        table.add_row(
+            r.key,
+            r.state,
+            format_bytes(r.size_bytes),
+            str(r.file_count),
+            _ago(r.last_used_at),
+            "yes" if r.pinned else "",
+            r.uri,
+        )
     console = Console()
     if records:
         console.print(table)
     total = sum(r.size_bytes for r in records if r.state == "complete")
-    console.print(f"{sum(r.state == 'complete' for r in records)} model(s), {format_bytes(total)} in {G.store().root}")
+    console.print(
+        f"{sum(r.state == 'complete' for r in records)} model(s), {format_bytes(total)} in {G.store().root}"
+    )
 
 
 @app.command()
@@ -221,12 +255,16 @@ def unpin(ref: str) -> None:
 @app.command()
 def verify(
     ref: Annotated[str | None, typer.Argument(help="URI or key (default: every model).")] = None,
-    full: Annotated[bool, typer.Option("--full", help="Re-hash every byte (slow); default checks files and sizes.")] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="Re-hash every byte (slow); default checks files and sizes.")
+    ] = False,
 ) -> None:
     """Check models against their manifests. Exit 4 and name the file on any mismatch."""
     store = G.store()
     store.repair()
-    recs: list[ModelRecord] = [store.get(ref)] if ref else [r for r in store.list_models() if r.state == "complete"]
+    recs: list[ModelRecord] = (
+        [store.get(ref)] if ref else [r for r in store.list_models() if r.state == "complete"]
+    )
     bad: list[str] = []
     for rec in recs:
         problems = store.verify(rec.key, full=full)
@@ -265,17 +303,29 @@ def gc(
                 continue
         removed.append(key)
     if as_json:
-        _emit_json({"dry_run": dry_run, "evict": removed, "protected": plan.protected,
-                    "total_before": plan.total_before, "total_after": plan.total_after, "target": target,
-                    "satisfied": plan.satisfied})
+        _emit_json(
+            {
+                "dry_run": dry_run,
+                "evict": removed,
+                "protected": plan.protected,
+                "total_before": plan.total_before,
+                "total_after": plan.total_after,
+                "target": target,
+                "satisfied": plan.satisfied,
+            }
+        )
     else:
         verb = "would evict" if dry_run else "evicted"
         for key in removed:
             sys.stdout.write(f"{verb} {key} {format_bytes(sizes[key])}\n")
-        sys.stdout.write(f"{format_bytes(plan.total_before)} -> {format_bytes(plan.total_after)} "
-                         f"(target {format_bytes(target)})\n")
+        sys.stdout.write(
+            f"{format_bytes(plan.total_before)} -> {format_bytes(plan.total_after)} "
+            f"(target {format_bytes(target)})\n"
+        )
     if not plan.satisfied:
-        log.warning("pinned or in-use models alone exceed %s; nothing else can be evicted", format_bytes(target))
+        log.warning(
+            "pinned or in-use models alone exceed %s; nothing else can be evicted", format_bytes(target)
+        )
 
 
 # -- air-gapped bundles ------------------------------------------------------------------------
@@ -307,7 +357,9 @@ def _mount_optional() -> None:
     with contextlib.suppress(ImportError):
         from modelcache.cli.dev import app as dev_app
 
-        app.add_typer(dev_app, name="dev", help="Local control plane (etcd + kube-apiserver) for trying the operator.")
+        app.add_typer(
+            dev_app, name="dev", help="Local control plane (etcd + kube-apiserver) for trying the operator."
+        )
 
 
 def run(argv: list[str]) -> int:

@@ -68,7 +68,9 @@ def main() -> None:
     except Exception as exc:
         if debug:
             raise
-        code = fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", EXIT_INTERNAL)
+        code = fail(
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", EXIT_INTERNAL
+        )
     sys.exit(code)
 
 

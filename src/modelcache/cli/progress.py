@@ -37,15 +37,23 @@ class PlainProgress:
                 self.last = now
                 pct = 100 * self.done / self.total if self.total else 0
                 rate = self.done / max(1e-9, now - self.start)
-                log.info("progress %s: %s / %s (%.0f%%) %s/s", self.label, format_bytes(self.done),
-                         format_bytes(self.total), pct, format_bytes(rate))
+                log.info(
+                    "progress %s: %s / %s (%.0f%%) %s/s",
+                    self.label,
+                    format_bytes(self.done),
+                    format_bytes(self.total),
+                    pct,
+                    format_bytes(rate),
+                )
         elif e.kind in ("retry", "wait"):
             log.warning("%s: %s", self.label, e.message)
 
     def __enter__(self) -> PlainProgress:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
         return None
 
 
@@ -87,7 +95,9 @@ class RichProgress:
         self.progress.start()
         return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.progress.stop()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from modelcache.uri import ModelURI
@@ -83,7 +83,7 @@ class Source(ABC):
         """Whether `read` may start anywhere (parallel chunks, resume)."""
 
     @abstractmethod
-    def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncIterator[bytes]:
+    def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
         """Stream bytes [start, end). Raise TransientSourceError for anything worth retrying."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from modelcache.errors import NotFoundError, SourceError, UsageError
@@ -48,7 +48,7 @@ class FileSource(Source):
     def supports_ranges(self, f: RemoteFile) -> bool:
         return True
 
-    async def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncIterator[bytes]:
+    async def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
         try:
             fh = await asyncio.to_thread(open, f.locator, "rb", buffering=0)
         except OSError as exc:

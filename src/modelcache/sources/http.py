@@ -13,7 +13,7 @@ import base64
 import binascii
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -105,7 +105,7 @@ class HttpSource(Source):
                     self._request_url(), headers={"Range": "bytes=0-0"}, allow_redirects=True
                 ) as resp:
                     status, headers = resp.status, resp.headers
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{self.shown}: {_describe(exc)}") from exc
         if status not in (200, 206):
             raise status_error(status, self.shown)
@@ -138,7 +138,7 @@ class HttpSource(Source):
     def supports_ranges(self, f: RemoteFile) -> bool:
         return f.locator == "ranges"
 
-    async def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncIterator[bytes]:
+    async def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
         headers: dict[str, str] = {}
         ranged = self.supports_ranges(f) and not (start == 0 and end is None)
         if ranged:
@@ -151,10 +151,12 @@ class HttpSource(Source):
                     raise status_error(resp.status, self.shown)
                 if ranged and resp.status != 206:
                     # Range ignored, or If-Range failed because the object changed under us.
-                    raise TransientSourceError(f"{self.shown}: server ignored the byte range (object changed?)")
+                    raise TransientSourceError(
+                        f"{self.shown}: server ignored the byte range (object changed?)"
+                    )
                 async for block in resp.content.iter_chunked(READ_BLOCK):
                     yield block
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{self.shown}: {_describe(exc)}") from exc
 
     async def aclose(self) -> None:

@@ -339,9 +339,7 @@ class Store:
         expected = {f.path: f for f in m.files}
         if not base.is_dir():
             return [f"{base}: model directory missing"]
-        present = {
-            p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file() or p.is_symlink()
-        }
+        present = {p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file() or p.is_symlink()}
         for rel in sorted(expected.keys() - present):
             problems.append(f"{rel}: missing")
         for rel in sorted(present - expected.keys()):

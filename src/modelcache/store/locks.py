@@ -37,7 +37,9 @@ def read_lock(path: Path) -> LockInfo | None:
         data = json.loads(path.read_text() or "{}")
     except (FileNotFoundError, ValueError):
         return None
-    return LockInfo(str(data.get("token", "")), str(data.get("host", "")), int(data.get("pid", 0)), st.st_mtime_ns)
+    return LockInfo(
+        str(data.get("token", "")), str(data.get("host", "")), int(data.get("pid", 0)), st.st_mtime_ns
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -140,7 +142,9 @@ class FileLock:
     # -- ownership ---------------------------------------------------------------------------
     def _start_heartbeat(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._beat, name=f"lock-heartbeat-{self.path.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat, name=f"lock-heartbeat-{self.path.name}", daemon=True
+        )
         self._thread.start()
 
     def _beat(self) -> None:

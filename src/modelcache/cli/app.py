@@ -172,8 +172,9 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON list of mod
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for col in ("KEY", "STATE", "SIZE", "FILES", "LAST USED", "PIN", "URI"):
-        table.add_column(col, justify="right" if col in ("SIZE", "FILES") else "left")
+    for col in ("KEY", "STATE", "SIZE", "FILES", "LAST USED", "PIN"):
+        table.add_column(col, justify="right" if col in ("SIZE", "FILES") else "left", no_wrap=True)
+    table.add_column("URI", overflow="fold")
     for r in records:
         table.add_row(
             r.key,

@@ -44,19 +44,15 @@ STATE_FILE = "state.json"
 # --------------------------------------------------------------------------------------------
 # Pure planning
 # --------------------------------------------------------------------------------------------
-def choose_chunk_size(total_bytes: int, connections: int, *, lo: int = 8 * MiB, hi: int = 64 * MiB) -> int:
-    """Enough chunks to feed every connection a few times over, but not so many that requests dominate."""
-    want = total_bytes // max(1, connections * 4)
-    return max(lo, min(hi, (want // MiB) * MiB or lo))
+def next_chunk_size(unallocated: int, connections: int, *, lo: int = 1 * MiB, hi: int = 64 * MiB) -> int:
+    """Guided self-scheduling: big chunks while much is left, ever smaller ones towards the end.
 
-
-def plan_chunks(size: int | None, chunk_size: int, ranged: bool) -> list[tuple[int, int | None]]:
-    """[start, end) pieces of one file; one open-ended piece when ranges are impossible."""
-    if size is None or not ranged:
-        return [(0, size)]
-    if size == 0:
-        return [(0, 0)]
-    return [(s, min(s + chunk_size, size)) for s in range(0, size, chunk_size)]
+    Each new chunk takes 1/(2 x connections) of what is still unallocated, so every connection
+    finishes at about the same moment (no long tail) without cutting requests short.
+    """
+    want = unallocated // max(1, 2 * connections)
+    size = max(lo, min(hi, want - want % MiB if want >= MiB else want))
+    return min(size, unallocated)
 
 
 def split_point(start: int, received: int, end: int, min_piece: int = MIN_STEAL // 2) -> int | None:
@@ -95,7 +91,8 @@ class FileTask:
     rf: RemoteFile
     dest: Path
     ranged: bool
-    chunks: list[Chunk]
+    chunks: list[Chunk]  # allocated so far; they tile [0, cursor)
+    cursor: int = 0  # next byte not yet given to any chunk
     sha256: str | None = None  # ours, once hashed
     fd: int = -1
     dirty: bool = False
@@ -120,7 +117,8 @@ class FileTask:
         return pos
 
     def complete(self) -> bool:
-        return all(c.complete for c in self.chunks)
+        unallocated = self.ranged and self.size is not None and self.cursor < self.size
+        return not unallocated and all(c.complete for c in self.chunks)
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -241,8 +239,6 @@ class Transfer:
 
     def _plan(self) -> None:
         previous = self._load_previous()
-        total = self.snapshot.total_bytes
-        chunk_size = self.config.chunk_size or choose_chunk_size(total, self.config.connections)
         for rf in self.snapshot.files:
             dest = self.dest_dir / rf.path
             ranged = self.source.supports_ranges(rf) and rf.size is not None
@@ -255,24 +251,21 @@ class Transfer:
                 and prev.get("ranged") == ranged
                 and dest.exists()
             )
-            if same and prev is not None and ranged:
+            sha: str | None = None
+            if same and prev is not None and (ranged or prev.get("sha256")):
                 chunks = [Chunk(s, e, d) for s, e, d in prev["chunks"]]
                 sha = prev.get("sha256")
-            elif same and prev is not None and prev.get("sha256"):
-                chunks = [Chunk(s, e, d) for s, e, d in prev["chunks"]]  # a finished non-ranged file
-                sha = prev.get("sha256")
+            elif ranged:
+                chunks = []  # allocated on demand, see _next
             else:
-                chunks = [Chunk(s, e) for s, e in plan_chunks(rf.size, chunk_size, ranged)]
-                sha = None
+                chunks = [Chunk(0, rf.size)]
+            if not same:
                 with contextlib.suppress(FileNotFoundError):
                     dest.unlink()
-            self.tasks.append(
-                FileTask(rf, dest, ranged, chunks, sha256=sha if self._all_done(chunks) else None)
-            )
-
-    @staticmethod
-    def _all_done(chunks: list[Chunk]) -> bool:
-        return all(c.complete for c in chunks)
+            cursor = max((c.end or 0 for c in chunks), default=0)
+            task = FileTask(rf, dest, ranged, chunks, cursor=cursor)
+            task.sha256 = sha if task.complete() else None
+            self.tasks.append(task)
 
     def _open_files(self) -> None:
         for t in self.tasks:
@@ -308,9 +301,6 @@ class Transfer:
         self._save_state()
 
     # -- run ---------------------------------------------------------------------------------
-    def remaining_bytes(self) -> int:
-        return sum((t.size or 0) - t.done_bytes() for t in self.tasks)
-
     async def run(self) -> dict[str, str]:
         """Returns {path: sha256}. Raises SourceError / IntegrityError / InsufficientSpaceError."""
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -362,7 +352,15 @@ class Transfer:
             for c in t.chunks:
                 if not c.active and not c.complete:
                     return t, c
-        # Nothing queued: take the back half of the biggest chunk still in flight.
+        unallocated = sum((t.size or 0) - t.cursor for t in self.tasks if t.ranged)
+        for t in self.tasks:
+            if t.ranged and t.size is not None and t.cursor < t.size:
+                n = self.config.chunk_size or next_chunk_size(unallocated, self.config.connections)
+                c = Chunk(t.cursor, min(t.size, t.cursor + n))
+                t.cursor = c.end or t.cursor
+                t.chunks.append(c)
+                return t, c
+        # Nothing left to allocate: take the back half of the biggest chunk still in flight.
         best: tuple[int, FileTask, Chunk] | None = None
         for t in self.tasks:
             if not t.ranged:
@@ -439,23 +437,26 @@ class Transfer:
 
     async def _stream(self, t: FileTask, c: Chunk) -> None:
         pos = c.start + c.done
-        buf = bytearray()
+        pieces: list[bytes] = []  # received blocks, written with one pwritev: no concatenation copy
 
         async def flush() -> None:
-            nonlocal pos, buf
-            data, buf = buf, bytearray()  # hand the filled buffer to the writer thread; no copy
-            limit = len(data) if c.end is None else min(len(data), c.end - pos)
-            if limit > 0:
-                try:
-                    await asyncio.to_thread(_pwrite_all, t.fd, memoryview(data)[:limit], pos)
-                except OSError as exc:
-                    raise _disk_error(exc, self.staging) from exc
-                pos += limit
-                c.done += limit
-                t.dirty = True
-                t.changed.set()
-                self.on_event(ProgressEvent("advance", t.rf.path, nbytes=limit))
+            nonlocal pos, pieces
+            batch, pieces = pieces, []
             c.buffered = 0
+            limit = sum(map(len, batch))
+            if c.end is not None:
+                limit = min(limit, c.end - pos)
+            if limit <= 0:
+                return
+            try:
+                await asyncio.to_thread(_pwritev_all, t.fd, batch, limit, pos)
+            except OSError as exc:
+                raise _disk_error(exc, self.staging) from exc
+            pos += limit
+            c.done += limit
+            t.dirty = True
+            t.changed.set()
+            self.on_event(ProgressEvent("advance", t.rf.path, nbytes=limit))
 
         if c.end is not None and pos >= c.end:
             return
@@ -465,11 +466,11 @@ class Transfer:
                 if self.limiter is not None:
                     await self.limiter.take(len(data))
                 self.bytes_fetched += len(data)
-                buf += data
-                c.buffered = len(buf)
-                if c.end is not None and pos + len(buf) >= c.end:
+                pieces.append(data)
+                c.buffered += len(data)
+                if c.end is not None and pos + c.buffered >= c.end:
                     break  # reached the (possibly shortened) end
-                if len(buf) >= WRITE_BLOCK:
+                if c.buffered >= WRITE_BLOCK:
                     await flush()
         await flush()
 
@@ -498,11 +499,23 @@ class Transfer:
         t.dirty = True
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """pwrite may write less than asked (signals, some filesystems): loop until all is written."""
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
+def _pwritev_all(fd: int, pieces: list[bytes], limit: int, offset: int) -> None:
+    """Write the first `limit` bytes of `pieces` at `offset`; pwritev may write less than asked."""
+    views: list[memoryview] = []
+    left = limit
+    for p in pieces:
+        if left <= 0:
+            break
+        views.append(memoryview(p)[:left])
+        left -= len(views[-1])
+    while views:
+        n = os.pwritev(fd, views[:1024], offset)  # IOV_MAX
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 def _hash_range(fd: int, h: Any, start: int, end: int) -> int:

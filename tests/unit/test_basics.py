@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import pytest
 
 from modelcache.errors import UsageError
 from modelcache.quantity import format_bytes, parse_quantity
 from modelcache.store.evict import Candidate, plan_eviction
-from modelcache.transfer import backoff, choose_chunk_size, plan_chunks, split_point
+from modelcache.transfer import backoff, next_chunk_size, split_point
 from modelcache.uri import parse_uri, redact, storage_key, sub_path
 
 
@@ -82,19 +83,25 @@ def test_redact() -> None:
     assert "secret" not in redact("https://h/x?X-Amz-Signature=secret&a=1")
 
 
-def test_plan_chunks_cover_file_exactly() -> None:
-    chunks = plan_chunks(100, 30, ranged=True)
-    assert chunks == [(0, 30), (30, 60), (60, 90), (90, 100)]
-    assert plan_chunks(100, 30, ranged=False) == [(0, 100)]
-    assert plan_chunks(None, 30, ranged=True) == [(0, None)]
-    assert plan_chunks(0, 30, ranged=True) == [(0, 0)]
-
-
-def test_chunk_size_bounds() -> None:
+def test_chunk_sizes_shrink_towards_the_end() -> None:
     mib = 2**20
-    assert choose_chunk_size(10 * mib, 16) == 8 * mib
-    assert choose_chunk_size(100 * 2**30, 16) == 64 * mib
-    assert 8 * mib <= choose_chunk_size(2 * 2**30, 16) <= 64 * mib
+    assert next_chunk_size(100 * 2**30, 16) == 64 * mib  # capped while much is left
+    assert next_chunk_size(320 * mib, 16) == 10 * mib  # 1/(2 x connections) of what is left
+    assert next_chunk_size(10 * mib, 16) == 1 * mib  # never below the floor...
+    assert next_chunk_size(1000, 16) == 1000  # ...unless less than that is left
+
+
+def test_guided_chunks_tile_a_file_exactly() -> None:
+    """Simulate allocation as the runner does: chunks must tile [0, size) with no gap or overlap."""
+    size, pos, pieces = 2 * 2**30 + 12345, 0, []
+    while pos < size:
+        n = next_chunk_size(size - pos, 16)
+        pieces.append((pos, min(size, pos + n)))
+        pos = pieces[-1][1]
+    assert pieces[0][0] == 0 and pieces[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+    assert pieces[0][1] - pieces[0][0] > pieces[-1][1] - pieces[-1][0]
+    assert len(pieces) < 300
 
 
 def test_split_point() -> None:

@@ -20,19 +20,22 @@ KEY_LENGTH = 16
 _KEY_RE = re.compile(r"^[0-9a-f]{16}$")
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
-#: Schemes we know of. The value is the module under modelcache.sources that serves it, or None
-#: when the scheme is recognised (KServe accepts it) but not implemented in this build.
-SCHEMES: dict[str, str | None] = {
+#: Schemes we know of -> the module under modelcache.sources that serves it. A module that is not
+#: in this build makes the scheme "recognised but not supported" (exit 2), never a traceback.
+SCHEMES: dict[str, str] = {
     "file": "file",
     "http": "http",
     "https": "http",
-    "hf": None,
-    "s3": None,
-    "gs": None,
-    "az": None,
-    "oci": None,
-    "pvc": None,
+    "hf": "hf",
+    "s3": "s3",
+    "gs": "gcs",
+    "az": "azure",
+    "oci": "oci",
+    "pvc": "pvc",
 }
+
+#: https URIs on these hosts are Azure Blob Storage, as KServe's storage initializer reads them.
+AZURE_BLOB_HOST_SUFFIX = ".blob.core.windows.net"
 
 
 def storage_key(uri: str) -> str:

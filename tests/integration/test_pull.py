@@ -151,7 +151,6 @@ def test_bad_inputs_are_one_line_errors(
         (["gc", "--max-size", "ten gigs"], 2, "invalid size"),
         (["path", "file:///not/cached"], 3, "not cached"),
         (["rm", "file:///not/cached"], 3, "not cached"),
-        (["pull", "s3://bucket/model"], 2, "not supported"),
     ]
     for args, code, fragment in cases:
         proc = run_cli(home, *args)

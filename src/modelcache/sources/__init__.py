@@ -1,4 +1,7 @@
-"""Source registry: scheme -> module, imported lazily so `modelcache path` stays fast."""
+"""Source registry: scheme -> module, imported lazily so `modelcache path` stays fast.
+
+Each scheme is one module under this package exposing `SOURCE`, a `Source` subclass.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,25 @@ import importlib
 
 from modelcache.errors import UsageError
 from modelcache.sources.base import RemoteFile, Snapshot, Source, SourceOptions
-from modelcache.uri import SCHEMES, ModelURI
+from modelcache.uri import AZURE_BLOB_HOST_SUFFIX, SCHEMES, ModelURI
 
-__all__ = ["RemoteFile", "Snapshot", "Source", "SourceOptions", "open_source"]
+__all__ = ["RemoteFile", "Snapshot", "Source", "SourceOptions", "module_for", "open_source"]
+
+
+def module_for(uri: ModelURI) -> str:
+    host = uri.host.rsplit("@", 1)[-1].split(":", 1)[0].lower()
+    if uri.scheme == "https" and host.endswith(AZURE_BLOB_HOST_SUFFIX):
+        return "azure"
+    return SCHEMES[uri.scheme]
 
 
 def open_source(uri: ModelURI, options: SourceOptions | None = None) -> Source:
-    module = SCHEMES.get(uri.scheme)
-    if module is None:
-        raise UsageError(f"scheme {uri.scheme}:// is not supported by this build yet")
-    mod = importlib.import_module(f"modelcache.sources.{module}")
+    name = module_for(uri)
+    try:
+        mod = importlib.import_module(f"modelcache.sources.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"modelcache.sources.{name}":
+            raise
+        raise UsageError(f"scheme {uri.scheme}:// is not supported by this build yet") from exc
     source: Source = mod.SOURCE(uri, options or SourceOptions())
     return source

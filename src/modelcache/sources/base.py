@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 
 from modelcache.uri import ModelURI
@@ -50,11 +50,15 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class SourceOptions:
+    """What a pull asks of a source. `env` is where credentials and endpoints are read from: the
+    process environment for the CLI, a per-model mapping built from Secrets for the node agent."""
+
     revision: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     connect_timeout: float = float(os.environ.get("MODELCACHE_CONNECT_TIMEOUT", "10"))
     read_timeout: float = float(os.environ.get("MODELCACHE_READ_TIMEOUT", "30"))
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
 
 
 def select(files: list[RemoteFile], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[RemoteFile]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import os
 import re
 from collections.abc import AsyncGenerator
 from email.utils import parsedate_to_datetime
@@ -67,7 +66,7 @@ class HttpSource(Source):
         return redact(self.uri.uri)
 
     def _headers(self) -> dict[str, str]:
-        token = os.environ.get("MODELCACHE_HTTP_BEARER_TOKEN")
+        token = self.options.env.get("MODELCACHE_HTTP_BEARER_TOKEN")
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def session(self) -> aiohttp.ClientSession:

@@ -11,3 +11,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
+# Each test server or tool that needs system packages has its own idempotent installer here.
+for f in "$(dirname "$0")"/deps/*.sh; do
+  [ -e "$f" ] && bash "$f"
+done
+exit 0

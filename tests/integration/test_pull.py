@@ -216,3 +216,22 @@ def test_file_source_directory(home: Path, tmp_path: Path) -> None:
     assert {"key", "uri", "path", "size_bytes", "state", "revision", "last_used_at", "pinned"} <= listing[
         0
     ].keys()
+
+
+def test_pvc_uri_reads_the_mounted_claim(home: Path, tmp_path: Path) -> None:
+    mount = tmp_path / "mnt-pvc"
+    write_random(mount / "models" / "m1" / "w.bin", MiB)
+    proc = run_cli(home, "pull", "pvc://my-claim/models/m1", MODELCACHE_PVC_ROOT=str(mount))
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(Path(proc.stdout.strip())) == tree_digest(mount / "models" / "m1")
+    # '..' cannot climb out of the claim's mount: it resolves to <mount>/etc, which does not exist
+    line = assert_one_line_error(
+        run_cli(home, "pull", "pvc://my-claim/../../etc", MODELCACHE_PVC_ROOT=str(mount)), 3
+    )
+    assert f"{mount}/etc" in line
+
+
+def test_revision_flag_rejected_where_meaningless(home: Path, origin: Origin, origin_root: Path) -> None:
+    write_random(origin_root / "r.bin", 1000)
+    line = assert_one_line_error(run_cli(home, "pull", origin.url_for("/r.bin"), "--revision", "v2"), 2)
+    assert "--revision does not apply" in line

@@ -353,6 +353,38 @@ def import_(bundle: Path) -> None:
     sys.stdout.write(f"{rec.path}\n")
 
 
+@app.command()
+def initialize(
+    args: Annotated[
+        list[str], typer.Argument(help="SRC_URI DEST_DIR pairs, as KServe's storage initializer.")
+    ],
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option("--cache-dir", envvar="MODELCACHE_CACHE_DIR", help="Shared cache (e.g. an RWX volume)."),
+    ] = None,
+) -> None:
+    """Storage-initializer drop-in: fill DEST from the shared cache (download into it once on a miss)."""
+    from modelcache.initializer import initialize as init_one
+    from modelcache.initializer import pairs
+    from modelcache.uri import redact
+
+    for uri, dest in pairs(args):
+        res = asyncio.run(init_one(uri, dest, cache_dir=cache_dir))
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "uri": redact(res.uri),
+                    "dest": str(res.dest),
+                    "hit": res.hit,
+                    "method": res.method,
+                    "seconds": round(res.seconds, 3),
+                    "bytes": res.bytes,
+                }
+            )
+            + "\n"
+        )
+
+
 def _mount_optional() -> None:
     """Sub-apps that live in their own modules (dev control plane) join when present."""
     with contextlib.suppress(ImportError):

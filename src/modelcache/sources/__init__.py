@@ -29,5 +29,8 @@ def open_source(uri: ModelURI, options: SourceOptions | None = None) -> Source:
         if exc.name != f"modelcache.sources.{name}":
             raise
         raise UsageError(f"scheme {uri.scheme}:// is not supported by this build yet") from exc
-    source: Source = mod.SOURCE(uri, options or SourceOptions())
+    options = options or SourceOptions()
+    source: Source = mod.SOURCE(uri, options)
+    if options.revision and not source.supports_revision:
+        raise UsageError(f"--revision does not apply to {uri.scheme}:// sources")
     return source

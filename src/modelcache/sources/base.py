@@ -74,6 +74,9 @@ def select(files: list[RemoteFile], include: tuple[str, ...], exclude: tuple[str
 
 
 class Source(ABC):
+    #: Whether `--revision` means anything to this source (HF branches/tags/commits do).
+    supports_revision: bool = False
+
     def __init__(self, uri: ModelURI, options: SourceOptions) -> None:
         self.uri = uri
         self.options = options

@@ -26,7 +26,7 @@ REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 log() { printf '[build-kube-apiserver] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-if [[ -x "$OUT_BIN" && "${MODELCACHE_K8S_FORCE:-0}" != 1 ]]; then
+if [[ -x "$OUT_BIN" && -x /usr/bin/etcd && "${MODELCACHE_K8S_FORCE:-0}" != 1 ]]; then
   log "already built: $OUT_BIN"
   exit 0
 fi
@@ -46,11 +46,23 @@ apt_update() {
     apt_updated=1
   fi
 }
+installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]; }
+
+# A restored binary cache on a fresh machine still needs the runtime package (etcd).
+if [[ -x "$OUT_BIN" && "${MODELCACHE_K8S_FORCE:-0}" != 1 ]]; then
+  if ! installed etcd-server; then
+    apt_update
+    log "apt-get install etcd-server (binary already cached)"
+    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends etcd-server >&2
+  fi
+  log "already built: $OUT_BIN"
+  exit 0
+fi
 
 # --- 1. packages ---------------------------------------------------------------------------------
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  installed "$p" || missing+=("$p")
 done
 if ((${#missing[@]})); then
   apt_update
@@ -72,7 +84,12 @@ if [[ -x "$OUT_BIN" && "${MODELCACHE_K8S_FORCE:-0}" != 1 ]]; then
 fi
 
 # --- 2. deb-src for bookworm ---------------------------------------------------------------------
-has_source() { apt-cache showsrc kubernetes 2>/dev/null | grep -q '^Version: .*1\.20\.2'; }
+has_source() {
+  # Captured, not piped into grep -q: an early-exiting grep would SIGPIPE apt-cache under pipefail.
+  local out
+  out="$(apt-cache showsrc kubernetes 2>/dev/null || true)"
+  grep -q '^Version: .*1\.20\.2' <<<"$out"
+}
 if ! has_source; then
   apt_update
 fi

@@ -92,7 +92,8 @@ def main() -> None:
     size = archive.stat().st_size
     single = size / int(RATE)
     print()
-    print(f"cold pull : {cold:6.2f} s  ({size / MiB / cold:.0f} MiB/s; one capped connection would need {single:.0f} s)")
+    rate = size / MiB / cold
+    print(f"cold pull : {cold:6.2f} s  ({rate:.0f} MiB/s; one capped connection would need {single:.0f} s)")
     print(f"warm pull : {warm * 1000:6.0f} ms (whole process)")
     print(f"path      : {path_t * 1000:6.0f} ms (whole process)")
 

@@ -78,7 +78,10 @@ def load_manifests(dirs: Iterable[Path]) -> Manifests:
                 if not isinstance(doc, dict) or "kind" not in doc:
                     continue
                 if doc["kind"] == "CustomResourceDefinition":
-                    found.crds[str(doc["metadata"]["name"])] = doc
+                    name = (doc.get("metadata") or {}).get("name")
+                    if not name:
+                        raise BootstrapError(f"{path}: CustomResourceDefinition without metadata.name")
+                    found.crds[str(name)] = doc
                 else:
                     found.others.append(doc)
     return found
@@ -99,16 +102,37 @@ def strip_empty_string_defaults(node: Any) -> Any:
     return node
 
 
-def _apply(client: Client, doc: Mapping[str, Any]) -> None:
+def create_or_replace(client: Client, doc: Mapping[str, Any], namespace: str | None = None) -> None:
+    """POST the object, or PUT it over an existing one.
+
+    Not server-side apply: 1.20's apply checks bodies against its own typed schema and refuses
+    fields it predates (e.g. `x-kubernetes-validations` in KServe's CRDs), while create/update just
+    drop them, which is what "stored but not enforced" on an old apiserver should mean.
+    """
     obj = cast(GlobalResource | NamespacedResource, codecs.from_dict(dict(doc)))
-    client.apply(obj, field_manager=FIELD_MANAGER, force=True)
+    meta: ObjectMeta | None = getattr(obj, "metadata", None)
+    if meta is None or not meta.name:
+        raise BootstrapError(f"{doc.get('kind')} without metadata.name")
+    if isinstance(obj, NamespacedResource) and not meta.namespace:
+        meta.namespace = namespace or "default"
+    try:
+        client.create(obj, field_manager=FIELD_MANAGER)
+        return
+    except ApiError as exc:
+        if exc.status.code != 409:
+            raise
+    kind: Any = type(obj)  # lightkube's overloads cannot express "the type of this object"
+    current = client.get(kind, meta.name, namespace=meta.namespace)
+    current_meta: ObjectMeta | None = getattr(current, "metadata", None)
+    meta.resourceVersion = current_meta.resourceVersion if current_meta else None
+    client.replace(obj, field_manager=FIELD_MANAGER)
 
 
 def apply_crds(client: Client, crds: Mapping[str, Mapping[str, Any]], timeout: float = 60.0) -> list[str]:
     """Apply CRDs and wait until every one is Established; returns their names."""
     for name, doc in crds.items():
         try:
-            _apply(client, strip_empty_string_defaults(doc))
+            create_or_replace(client, strip_empty_string_defaults(doc))
         except ApiError as exc:
             raise BootstrapError(f"CRD {name} rejected: {exc.status.message}") from exc
     wait_established(client, list(crds), timeout)
@@ -132,17 +156,13 @@ def wait_established(client: Client, names: Sequence[str], timeout: float) -> No
 
 
 def apply_documents(client: Client, docs: Sequence[Mapping[str, Any]], namespace: str = "default") -> None:
-    """Server-side apply any objects (custom kinds too); namespaced ones without one go to `namespace`."""
+    """Create or replace any objects (custom kinds too); namespaced ones without one go to `namespace`."""
     if not docs:
         return
     load_in_cluster_generic_resources(client)
     for doc in docs:
-        obj = cast(GlobalResource | NamespacedResource, codecs.from_dict(dict(doc)))
-        meta: ObjectMeta | None = getattr(obj, "metadata", None)
-        if isinstance(obj, NamespacedResource) and meta is not None and not meta.namespace:
-            meta.namespace = namespace
         try:
-            client.apply(obj, field_manager=FIELD_MANAGER, force=True)
+            create_or_replace(client, doc, namespace)
         except ApiError as exc:
             name = doc.get("metadata", {}).get("name", "?")
             raise BootstrapError(f"{doc.get('kind')} {name} rejected: {exc.status.message}") from exc

@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx2
 import yaml
-from lightkube import Client, KubeConfig
+from lightkube import ApiError, Client, KubeConfig
 
 from modelcache.errors import ModelcacheError, NotFoundError, UsageError
 
@@ -235,7 +234,6 @@ def client_for(kubeconfig: Path, field_manager: str = boot.FIELD_MANAGER) -> Cli
         KubeConfig.from_file(kubeconfig),
         field_manager=field_manager,
         trust_env=False,
-        timeout=httpx2.Timeout(30.0),
     )
 
 
@@ -572,8 +570,8 @@ def _bootstrap(
     with info.client() as client:
         try:
             crds, names = boot.bootstrap(client, manifest_dirs, nodes, timeout)
-        except (httpx2.HTTPError, OSError) as exc:
-            raise ControlPlaneError(f"bootstrapping the apiserver failed: {exc}") from exc
+        except ApiError as exc:
+            raise ControlPlaneError(f"bootstrapping the apiserver failed: {exc.status.message}") from exc
     all_nodes = tuple(sorted(set(info.nodes) | set(names), key=lambda n: (len(n), n)))
     all_crds = tuple(sorted(set(info.crds) | set(crds)))
     return dataclasses.replace(info, nodes=all_nodes, crds=all_crds, ready=True)
@@ -595,7 +593,7 @@ def up(
     On failure everything started here is stopped again.
     """
     if not 0 <= nodes <= MAX_NODES:
-        raise UsageError(f"--nodes must be between 0 and {MAX_NODES}, got {nodes}")
+        raise UsageError(f"nodes must be between 0 and {MAX_NODES}, got {nodes}")
     layout = Layout((home or default_home()).expanduser().resolve())
     say: Progress = progress or (lambda _msg: None)
     dirs = list(default_manifest_dirs() if manifest_dirs is None else manifest_dirs)
@@ -616,7 +614,11 @@ def up(
         _clean_runtime(layout, keep_logs=False)
         layout.logs.mkdir(parents=True, exist_ok=True)
         layout.pki.generate()
-        info = _start_servers(layout, apiserver_bin, etcd_bin, timeout, say)
+        try:
+            info = _start_servers(layout, apiserver_bin, etcd_bin, timeout, say)
+        except BaseException:
+            _clean_runtime(layout)  # its processes are already stopped
+            raise
         try:
             write_kubeconfig(
                 layout.kubeconfig,

@@ -1,0 +1,1 @@
+"""Kubernetes edge: names, labels and configuration shared by the controller, webhook and agent."""

@@ -191,3 +191,24 @@ def test_disk_full_exit_5_cleans_staging_keeps_index(tmp_path: Path, origin_root
         assert run_cli(home, "verify", "--full").returncode == 0
     finally:
         subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def test_damaged_index_is_rebuilt_from_manifests(home: Path, tmp_path: Path) -> None:
+    m = _pull_local(home, tmp_path, "idx", MiB)
+    run_cli(home, "pin", str(m["key"]))
+    db = home / ".modelcache" / "index.db"
+    for p in home.glob(".modelcache/index.db*"):
+        p.unlink()
+    db.write_bytes(b"this is not a database" * 100)
+    proc = run_cli(home, "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    listing = json.loads(proc.stdout)
+    assert [(r["key"], r["pinned"]) for r in listing] == [(m["key"], True)]  # pins live in manifests too
+    assert run_cli(home, "path", str(m["key"])).returncode == 0
+
+
+def test_network_filesystem_detection() -> None:
+    from modelcache.store.index import fs_type
+
+    assert fs_type(Path("/proc")) == "proc"
+    assert fs_type(Path("/")) != ""

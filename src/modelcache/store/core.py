@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,7 +134,11 @@ class Store:
         if not self.index.path.exists():
             return None
         key = self.key_for(ref)
-        row = self.index.get(key)
+        try:
+            row = self.index.get(key)
+        except sqlite3.DatabaseError:
+            self.repair()
+            row = self.index.get(key)
         if row is None or not self.model_dir(key).is_dir():
             return None
         return self._record(row)
@@ -297,7 +302,11 @@ class Store:
         if not self.meta.exists():
             return
         self.empty_trash()
-        rows = {r.key: r for r in self.index.all()}
+        try:
+            rows = {r.key: r for r in self.index.all()}
+        except sqlite3.DatabaseError:  # damaged (disk fault, unsafe network fs): rebuild from manifests
+            self.index.discard()
+            rows = {}
         mdir = self.meta / "manifests"
         manifests = {p.stem for p in mdir.glob("*.json")} if mdir.is_dir() else set()
         dirs = {p.name for p in self.models_dir.iterdir()} if self.models_dir.is_dir() else set()

@@ -7,6 +7,7 @@ If it is lost or corrupt it is rebuilt from the manifests (`Store.rebuild_index`
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
@@ -42,8 +43,53 @@ class IndexRow:
         return asdict(self)
 
 
+#: Filesystems where several hosts may open the same file. SQLite's WAL needs shared memory,
+#: which only works within one host, so there we use the rollback journal instead.
+NETWORK_FS = {
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "ceph",
+    "glusterfs",
+    "fuse.glusterfs",
+    "lustre",
+    "9p",
+    "fuse.sshfs",
+    "gpfs",
+    "beegfs",
+    "fuse.s3fs",
+    "fuse.juicefs",
+    "efs",
+}
+
+
+def fs_type(path: Path) -> str:
+    """Filesystem type holding `path` (from /proc/self/mountinfo; '' when unknown)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount = fields[4].replace("\\040", " ")
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, right.split()[0]
+    return kind
+
+
 class Index:
-    """Thin wrapper over one SQLite file in WAL mode; each call is its own short transaction."""
+    """Thin wrapper over one SQLite file; each call is its own short transaction.
+
+    WAL on local disks (readers never wait for the writer); the rollback journal on network
+    filesystems shared by several hosts, where WAL's shared memory cannot work.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -53,8 +99,9 @@ class Index:
         if self._conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             conn.execute("PRAGMA busy_timeout=30000")
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
+            mode = "delete" if fs_type(self.path.parent) in NETWORK_FS else "wal"
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != mode:
+                conn.execute(f"PRAGMA journal_mode={mode}")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(SCHEMA)
             self._conn = conn
@@ -64,6 +111,14 @@ class Index:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def discard(self) -> None:
+        """Set a damaged index aside; the store rebuilds it from the manifests."""
+        self.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            p = self.path.with_name(self.path.name + suffix)
+            if p.exists():
+                os.replace(p, p.with_name(p.name + ".corrupt"))
 
     @staticmethod
     def _row(r: tuple[Any, ...]) -> IndexRow:

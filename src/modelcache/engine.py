@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelcache.errors import (
+    ConflictError,
     InsufficientSpaceError,
     IntegrityError,
     ModelcacheError,
@@ -73,6 +74,7 @@ async def pull(
     uri = parse_uri(ref)
     rec = store.lookup(uri.uri)
     if rec is not None:
+        _check_revision(store, rec, options)
         store.touch(rec.key)
         return PullResult(rec, hit=True, seconds=time.monotonic() - t0)
     store.ensure()
@@ -99,6 +101,21 @@ async def pull(
         )
     finally:
         lock.release()
+
+
+def _check_revision(store: Store, rec: ModelRecord, options: SourceOptions | None) -> None:
+    """The key is the URI alone (KServe's), so a hit may hold another revision than `--revision` asks."""
+    wanted = options.revision if options else None
+    if not wanted:
+        return
+    m = store.manifest(rec.key)
+    if wanted in (m.revision, m.source.get("requested_revision")):
+        return
+    have = m.source.get("requested_revision") or m.revision
+    raise ConflictError(
+        f"{redact(rec.uri)} is cached at revision {have}, not {wanted}; "
+        "`modelcache rm` it first, or put the revision in the URI (hf://owner/model:REV)"
+    )
 
 
 async def _download(

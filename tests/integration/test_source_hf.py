@@ -137,6 +137,11 @@ def test_revision_flag_overrides_uri(tmp_path: Path, hub: Hub) -> None:
     rec = _pull(tmp_path / "b", hub, f"hf://{REPO}:main", "--revision", hub.v1, "--include", "config.json")
     assert rec["revision"] == hub.v1
     assert sorted(p.name for p in Path(str(rec["path"])).iterdir()) == ["config.json"]
+    # the key is the URI alone (KServe's): a hit holding another revision is refused, not served
+    again = run_cli(tmp_path / "a", "pull", f"hf://{REPO}", "--revision", "v1.0", **hub.env())
+    assert again.returncode == 0, again.stderr
+    other = run_cli(tmp_path / "a", "pull", f"hf://{REPO}", "--revision", "dev", **hub.env())
+    assert "cached at revision v1.0, not dev" in assert_one_line_error(other, 7)
 
 
 def test_include_exclude(home: Path, hub: Hub) -> None:

@@ -147,7 +147,7 @@ async def _download(
                 store.clear_staging(uri.key)  # the bytes are wrong: start this model afresh, once
                 if attempt == 2:
                     raise
-        entries = await asyncio.to_thread(_finish_tree, staging, snapshot, digests)
+        entries = await asyncio.to_thread(_finish_tree, source, staging, snapshot, digests)
         manifest = Manifest(
             key=uri.key,
             uri=uri.uri,
@@ -185,19 +185,16 @@ def _remaining(transfer: Transfer, snapshot: Snapshot) -> int:
     return max(0, snapshot.total_bytes - done)
 
 
-def _finish_tree(staging: Path, snapshot: Snapshot, digests: dict[str, str]) -> list[FileEntry]:
-    """Unpack an archive (verified as a whole already) or list the downloaded files for the manifest."""
+def _finish_tree(
+    source: Source, staging: Path, snapshot: Snapshot, digests: dict[str, str]
+) -> list[FileEntry]:
+    """Unpack an archive snapshot (verified as downloaded) or list the downloaded files for the manifest."""
     files_dir = staging / "files"
     if snapshot.archive:
-        from modelcache.archive import extract
-
-        archive = staging / "download" / snapshot.files[0].path
         if files_dir.exists():
             shutil.rmtree(files_dir)
-        entries = extract(archive, snapshot.archive, files_dir)
+        entries = source.finalize(snapshot, staging / "download", files_dir)
         shutil.rmtree(staging / "download", ignore_errors=True)
-        if not entries:
-            raise IntegrityError(f"{snapshot.files[0].path}: archive holds no files")
         return entries
     return [
         FileEntry(

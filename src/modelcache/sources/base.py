@@ -11,7 +11,10 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from modelcache.errors import IntegrityError
+from modelcache.store.manifest import FileEntry
 from modelcache.uri import ModelURI
 
 ARCHIVE_SUFFIXES: dict[str, str] = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar", ".zip": "zip"}
@@ -92,6 +95,19 @@ class Source(ABC):
     @abstractmethod
     def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
         """Stream bytes [start, end). Raise TransientSourceError for anything worth retrying."""
+
+    def finalize(self, snapshot: Snapshot, download_dir: Path, files_dir: Path) -> list[FileEntry]:
+        """Build the model tree from a downloaded, verified archive snapshot (runs in a thread).
+
+        The default unpacks the one archive file safely; sources whose snapshots are several
+        layers (OCI images) override it. Returns the manifest entries of every file written.
+        """
+        from modelcache.archive import extract
+
+        entries = extract(download_dir / snapshot.files[0].path, snapshot.archive or "tar", files_dir)
+        if not entries:
+            raise IntegrityError(f"{snapshot.files[0].path}: archive holds no files")
+        return entries
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -1,0 +1,504 @@
+"""s3://bucket[/path]: one object or every object under a prefix, meaning what KServe's storage
+initializer (`Storage._download_s3`) makes of the same URI.
+
+KServe's rules, which we keep so a URI fills a model directory with the same files:
+- the path after the bucket (leading slashes dropped, a trailing slash kept) is a raw key prefix;
+- a key equal to it wins alone and lands under its basename (`s3://b/m/model.bin` -> `model.bin`);
+- otherwise every key starting with it is taken, laid out at `key[len(prefix):].lstrip("/")` — so
+  `s3://b/m` also takes `m-v2/x` (as `-v2/x`), exactly like KServe; end the URI with `/` to mean a
+  directory only;
+- keys ending in `/` (folder markers) and empty objects are skipped; nothing left -> not found;
+- `--include/--exclude` filter a listing, never an exact key; a lone `.tar/.tar.gz/.tgz/.zip` is
+  unpacked.
+
+Settings come from `options.env`, named as KServe's S3 secret webhook sets them:
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION (or AWS_REGION),
+AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3, or S3_ENDPOINT + S3_USE_HTTPS), S3_VERIFY_SSL,
+AWS_CA_BUNDLE (or KServe's CA_BUNDLE_CONFIGMAP_NAME mount), awsAnonymousCredential,
+S3_USER_VIRTUAL_BUCKET, S3_USE_ACCELERATE. Custom endpoints are addressed path-style unless
+S3_USER_VIRTUAL_BUCKET=true. Without keys we fall back to the AWS default chain (web identity /
+container / instance credentials). Bytes are read with obstore, one ranged GET per engine chunk,
+streamed in 1 MiB pieces and pinned to the listed ETag (If-Match). A published full-object
+x-amz-checksum-sha256 becomes RemoteFile.sha256, so the engine checks the bytes against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import hashlib
+import hmac
+import posixpath
+import re
+import ssl
+from collections.abc import AsyncGenerator, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import obstore
+import obstore.exceptions as obe
+import yarl
+from obstore.store import S3Store
+
+from modelcache.errors import AuthError, ModelcacheError, NotFoundError, SourceError, TransientSourceError
+from modelcache.sources.base import RemoteFile, Snapshot, Source, archive_kind, select
+from modelcache.sources.http import status_error
+from modelcache.uri import redact
+
+if TYPE_CHECKING:
+    from obstore import GetOptions, ObjectMeta
+    from obstore.store import ClientConfig, S3Config, S3Credential
+
+READ_BLOCK = 1 << 20
+DEFAULT_REGION = "us-east-1"
+_STATUS_RE = re.compile(r"status code: (\d{3})")
+_VERSION_SEP = "@version="
+#: obstore's message when fetching default-chain credentials failed (IMDS token/role, STS).
+_CREDENTIAL_FETCH_RE = re.compile(
+    r"/latest/api/token|/latest/meta-data|AssumeRoleWithWebIdentity|sts\.[a-z0-9-]*\.?amazonaws|"
+    r"credential",
+    re.IGNORECASE,
+)
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+CHECKSUM_LOOKUPS = 16  # concurrent HEADs asking for published checksums
+CREDENTIAL_HINT = (
+    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), "
+    "or awsAnonymousCredential=true for a public bucket"
+)
+#: Env values that must never show up in a message.
+_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+#: Default-chain settings passed on explicitly, so they come from options.env and not os.environ.
+_CHAIN_VARS: dict[str, str] = {
+    "AWS_ROLE_ARN": "role_arn",
+    "AWS_WEB_IDENTITY_TOKEN_FILE": "web_identity_token_file",
+    "AWS_ROLE_SESSION_NAME": "role_session_name",
+    "AWS_STS_ENDPOINT": "sts_endpoint",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "container_credentials_relative_uri",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI": "container_credentials_full_uri",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": "container_authorization_token_file",
+    "AWS_METADATA_ENDPOINT": "metadata_endpoint",
+}
+
+
+def _true(value: str | None) -> bool:
+    """KServe's flags are on only for the string "true" (any case)."""
+    return (value or "").strip().lower() == "true"
+
+
+def join_etag(etag: str | None, version: str | None) -> str | None:
+    """RemoteFile.etag carries the version id too, so resume notices a replaced object."""
+    if etag is None or not version:
+        return etag
+    return f"{etag}{_VERSION_SEP}{version}"
+
+
+def split_etag(value: str | None) -> tuple[str | None, str | None]:
+    if value is None or _VERSION_SEP not in value:
+        return value, None
+    etag, _, version = value.rpartition(_VERSION_SEP)
+    return etag, version
+
+
+def layout(prefix: str, key: str) -> str:
+    """Where KServe puts a listed key: the prefix cut off, then leading slashes."""
+    return key.removeprefix(prefix).lstrip("/")
+
+
+def snapshot_revision(files: list[RemoteFile]) -> str:
+    """One object: its ETag (unquoted). Several: a digest of the sorted (key, size, ETag) list."""
+    if len(files) == 1 and files[0].etag:
+        return files[0].etag.strip('"')
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.locator):
+        h.update(f"{f.locator}\t{f.size}\t{f.etag or ''}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def sigv4_headers(
+    method: str, url: str, region: str, creds: S3Credential, extra: Mapping[str, str], now: datetime
+) -> dict[str, str]:
+    """AWS Signature V4 headers for a body-less request to an already-encoded `url`. obstore cannot
+    send the `x-amz-checksum-mode` header (and hides checksums), so the checksum HEAD is signed here."""
+    parts = urlsplit(url)
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    headers = {"host": parts.netloc, "x-amz-date": amz_date, "x-amz-content-sha256": _EMPTY_SHA256}
+    headers.update({k.lower(): v for k, v in extra.items()})
+    if creds.get("token"):
+        headers["x-amz-security-token"] = str(creds["token"])
+    names = sorted(headers)
+    signed = ";".join(names)
+    canonical = "\n".join(
+        [method, parts.path or "/", parts.query, *(f"{n}:{headers[n].strip()}" for n in names), "", signed]
+    )
+    canonical += "\n" + _EMPTY_SHA256
+    scope = f"{amz_date[:8]}/{region}/s3/aws4_request"
+    to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    key = ("AWS4" + creds["secret_access_key"]).encode()
+    for part in (amz_date[:8], region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={creds['access_key_id']}/{scope}, "
+        f"SignedHeaders={signed}, Signature={signature}"
+    )
+    del headers["host"]  # the HTTP client sends the same value
+    return headers
+
+
+def full_object_sha256(headers: Mapping[str, str], etag: str | None) -> str | None:
+    """A published checksum that really is the sha256 of the whole object, as hex. Multipart
+    uploads get composite checksums (a hash of part hashes) unless S3 says FULL_OBJECT."""
+    value = headers.get("x-amz-checksum-sha256")
+    if not value:
+        return None
+    kind = headers.get("x-amz-checksum-type", "").upper()
+    if kind == "COMPOSITE" or (kind != "FULL_OBJECT" and (etag is None or "-" in etag)):
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 32 else None
+
+
+class S3Source(Source):
+    _store: S3Store | None = None
+    _found_region: str | None = None
+    _object_base: str = ""  # endpoint URL objects hang off (bucket included), for the checksum HEAD
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        parts = urlsplit(self.uri.uri)
+        self.bucket = parts.netloc
+        self.key_prefix = parts.path.lstrip("/")  # as KServe: leading slashes dropped, trailing kept
+
+    @property
+    def shown(self) -> str:
+        return redact(self.uri.uri)
+
+    # -- configuration ---------------------------------------------------------------------------
+    def _env(self, *names: str) -> str | None:
+        for name in names:
+            value = self.options.env.get(name, "").strip()
+            if value:
+                return value
+        return None
+
+    def endpoint(self) -> str | None:
+        """A custom endpoint, as KServe reads it (S3_ENDPOINT may lack a scheme: S3_USE_HTTPS decides)."""
+        url = self._env("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+        if url is None and (bare := self._env("S3_ENDPOINT")) is not None:
+            if re.match(r"(?i)^https?://", bare):
+                url = bare
+            else:
+                scheme = "http" if self.options.env.get("S3_USE_HTTPS", "").strip() == "0" else "https"
+                url = f"{scheme}://{bare}"
+        if url is not None and url.rstrip("/") == "https://s3.amazonaws.com":
+            return None  # the global AWS endpoint: address the bucket's own region instead
+        return url.rstrip("/") if url else None
+
+    def region(self) -> str:
+        return self._env("AWS_DEFAULT_REGION", "AWS_REGION") or self._found_region or DEFAULT_REGION
+
+    async def _discover_region(self) -> None:
+        """boto3 (so KServe) finds a bucket's region by itself; obstore does not and would get a
+        301 outside us-east-1. S3 names the region in a header even on an anonymous 403."""
+        if self._env("AWS_DEFAULT_REGION", "AWS_REGION") or self.endpoint() is not None:
+            return
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.options.connect_timeout, sock_read=10)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.head(f"https://s3.amazonaws.com/{quote(self.bucket)}", allow_redirects=False) as resp,
+            ):
+                self._found_region = resp.headers.get("x-amz-bucket-region")
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return  # the real requests will say what is wrong
+
+    def _ca_bundle(self) -> str | None:
+        """AWS_CA_BUNDLE, else KServe's global CA bundle ConfigMap mount (cabundle.crt)."""
+        if bundle := self._env("AWS_CA_BUNDLE"):
+            return bundle
+        if self._env("CA_BUNDLE_CONFIGMAP_NAME"):
+            mount = self._env("CA_BUNDLE_VOLUME_MOUNT_POINT") or "/etc/ssl/custom-certs"
+            return posixpath.join(mount, "cabundle.crt")
+        return None
+
+    def _scrub(self, text: str) -> str:
+        for name in _SECRET_VARS:
+            value = self.options.env.get(name, "")
+            if len(value) >= 4:
+                text = text.replace(value, "***")
+        return redact(text)
+
+    def _credentials(self) -> S3Credential:
+        key_id = self._env("AWS_ACCESS_KEY_ID")
+        secret = self._env("AWS_SECRET_ACCESS_KEY")
+        assert key_id is not None and secret is not None
+        return {
+            "access_key_id": key_id,
+            "secret_access_key": secret,
+            "token": self._env("AWS_SESSION_TOKEN"),
+            "expires_at": None,
+        }
+
+    def store(self) -> S3Store:
+        """One client for the whole pull; obstore stores are safe to share between tasks."""
+        if self._store is None:
+            self._store = self._build_store()
+        return self._store
+
+    def _build_store(self) -> S3Store:
+        env = self.options.env
+        if not self.bucket:
+            raise SourceError(f"{self.shown}: no bucket name")
+        anonymous = _true(env.get("awsAnonymousCredential"))
+        region = self.region()
+        endpoint = self.endpoint()
+        config: S3Config = {"region": region, "skip_signature": anonymous}
+        if endpoint is not None:
+            virtual = _true(env.get("S3_USER_VIRTUAL_BUCKET"))
+            if virtual:
+                p = urlsplit(endpoint)
+                endpoint = p._replace(netloc=f"{self.bucket}.{p.netloc}").geturl()
+        elif _true(env.get("S3_USE_ACCELERATE")):
+            virtual, endpoint = True, f"https://{self.bucket}.s3-accelerate.amazonaws.com"
+        elif "." in self.bucket:  # dotted names break TLS on virtual hosts; boto3 falls back too
+            virtual, endpoint = False, f"https://s3.{region}.amazonaws.com"
+        else:
+            virtual, endpoint = True, f"https://{self.bucket}.s3.{region}.amazonaws.com"
+        # Set explicitly (not left to obstore's own reading of os.environ): options.env decides.
+        config["endpoint"] = endpoint
+        self._object_base = endpoint if virtual else f"{endpoint}/{quote(self.bucket)}"
+        config["aws_endpoint_url_s3"] = endpoint
+        config["virtual_hosted_style_request"] = virtual
+        has_id, has_secret = bool(self._env("AWS_ACCESS_KEY_ID")), bool(self._env("AWS_SECRET_ACCESS_KEY"))
+        if not anonymous and has_id != has_secret:
+            missing = "AWS_SECRET_ACCESS_KEY" if has_id else "AWS_ACCESS_KEY_ID"
+            raise AuthError(f"{self.shown}: {missing} is not set; {CREDENTIAL_HINT}")
+        if not anonymous and not has_id:
+            for var, option in _CHAIN_VARS.items():
+                if (value := self._env(var)) is not None:
+                    config[option] = value  # type: ignore[literal-required]
+        client: ClientConfig = {
+            "allow_http": endpoint.lower().startswith("http://"),
+            "connect_timeout": timedelta(seconds=self.options.connect_timeout),
+            "read_timeout": timedelta(seconds=self.options.read_timeout),
+            "timeout": timedelta(hours=6),  # whole-request cap: a 64 MiB chunk on a slow link is fine
+        }
+        verify = env.get("S3_VERIFY_SSL", "").strip().lower()
+        if verify in ("0", "false"):
+            client["allow_invalid_certificates"] = True
+        elif bundle := self._ca_bundle():
+            try:
+                with open(bundle, "rb") as fh:
+                    client["root_certificate"] = fh.read()
+            except OSError as exc:
+                raise SourceError(f"CA bundle {bundle}: cannot read it ({exc.strerror})") from exc
+        try:
+            return S3Store(
+                self.bucket,
+                config=config,
+                client_options=client,
+                retry_config={"max_retries": 0},  # the engine retries, with its own backoff and limits
+                credential_provider=(self._credentials if has_id and not anonymous else None),
+            )
+        except Exception as exc:  # obstore raises plain ValueError & co. for bad settings
+            raise SourceError(
+                f"{self.shown}: bad S3 settings: {self._scrub(str(exc).splitlines()[0])}"
+            ) from exc
+
+    # -- errors ----------------------------------------------------------------------------------
+    def _error(self, exc: BaseException, what: str) -> ModelcacheError:
+        """Our error for an obstore/network failure. The message never carries obstore's text
+        (it holds response bodies with key ids) beyond a scrubbed one-line network reason."""
+        if isinstance(exc, ModelcacheError):
+            return exc
+        if isinstance(exc, obe.NotFoundError | FileNotFoundError):
+            return NotFoundError(f"{what}: not found")
+        if isinstance(exc, obe.PermissionDeniedError | obe.UnauthenticatedError):
+            return AuthError(f"{what}: access denied; {CREDENTIAL_HINT}")
+        if isinstance(exc, obe.PreconditionError):
+            return TransientSourceError(f"{what}: the object changed while downloading (ETag differs)")
+        text = str(exc)
+        if _CREDENTIAL_FETCH_RE.search(text.split("\n", 1)[0]):
+            return AuthError(
+                f"{what}: no usable credentials from the AWS default chain (instance metadata, web "
+                f"identity); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or awsAnonymousCredential=true"
+            )
+        m = _STATUS_RE.search(text)
+        if m is not None:
+            err = status_error(int(m.group(1)), what)
+            if isinstance(err, NotFoundError):
+                return NotFoundError(f"{what}: no such bucket or key")
+            if m.group(1) in ("301", "307") and not self._env("AWS_DEFAULT_REGION", "AWS_REGION"):
+                return SourceError(f"{what}: the bucket is in another region; set AWS_DEFAULT_REGION")
+            if isinstance(err, AuthError):
+                return AuthError(f"{what}: access denied (HTTP {m.group(1)}); {CREDENTIAL_HINT}")
+            return err if isinstance(err, ModelcacheError) else SourceError(str(err))
+        return TransientSourceError(f"{what}: {self._reason(exc, text)}")
+
+    def _reason(self, exc: BaseException, text: str) -> str:
+        low = text.lower()
+        if isinstance(exc, TimeoutError) or "timed out" in low or "timedout" in low:
+            return "timed out"
+        if "connection refused" in low:
+            return "cannot connect (connection refused)"
+        if "dns error" in low or "failed to lookup address" in low:
+            return "cannot resolve the endpoint host"
+        if "certificate" in low:
+            return "TLS certificate not trusted (see AWS_CA_BUNDLE / S3_VERIFY_SSL)"
+        if "connection reset" in low or "broken pipe" in low:
+            return "connection reset"
+        first = text.split("\n", 1)[0]
+        first = re.sub(r"<\?xml.*", "", first)[:200]
+        return f"{type(exc).__name__}: {self._scrub(first)}" if first else type(exc).__name__
+
+    # -- the protocol ----------------------------------------------------------------------------
+    async def resolve(self) -> Snapshot:
+        if self._store is None:
+            await self._discover_region()
+        store = self.store()
+        prefix = self.key_prefix
+        exact: RemoteFile | None = None
+        if prefix and not prefix.endswith("/"):
+            exact = await self._head(store, prefix)
+        if exact is not None:
+            files = [exact]
+        else:
+            files = select(await self._list(store, prefix), self.options.include, self.options.exclude)
+            if not files:
+                raise NotFoundError(f"{self.shown}: no objects under this prefix")
+        files = await self._with_checksums(files)
+        archive = archive_kind(files[0].path) if len(files) == 1 else None
+        extra = {"bucket": self.bucket, "prefix": prefix}
+        if (endpoint := self.endpoint()) is not None:
+            extra["endpoint"] = redact(endpoint)
+        return Snapshot(tuple(files), revision=snapshot_revision(files), archive=archive, extra=extra)
+
+    async def _head(self, store: S3Store, key: str) -> RemoteFile | None:
+        """The object named exactly by the URI, if there is one worth taking (KServe skips empty ones)."""
+        try:
+            meta = await obstore.head_async(store, key)
+        except (obe.NotFoundError, FileNotFoundError):
+            return None
+        except Exception as exc:
+            raise self._error(exc, self.shown) from exc
+        if meta["size"] == 0:
+            return None
+        name = posixpath.basename(key)
+        return RemoteFile(name, meta["size"], etag=join_etag(meta["e_tag"], meta["version"]), locator=key)
+
+    async def _list(self, store: S3Store, prefix: str) -> list[RemoteFile]:
+        """Every key starting with the raw prefix. obstore lists whole path segments, so list the
+        parent "directory" starting after the prefix and stop at the first key past it."""
+        parent = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        files: list[RemoteFile] = []
+        stream = obstore.list(store, parent or None, offset=prefix or None, chunk_size=1000)
+        try:
+            async for batch in stream:
+                for meta in batch:
+                    key = meta["path"]
+                    if not key.startswith(prefix):
+                        if key > prefix:
+                            return files  # listings are sorted: nothing further can match
+                        continue  # obstore drops the offset's trailing "/": the folder marker itself
+                    if f := self._listed(prefix, key, meta):
+                        files.append(f)
+        except Exception as exc:
+            raise self._error(exc, self.shown) from exc
+        return files
+
+    def _listed(self, prefix: str, key: str, meta: ObjectMeta) -> RemoteFile | None:
+        if meta["size"] == 0 or key.endswith("/"):
+            return None  # folder markers and empty objects, as KServe
+        rel = layout(prefix, key)
+        parts = rel.split("/")
+        if not rel or any(p in ("", ".", "..") for p in parts):
+            raise SourceError(f"{self.shown}: object key {key!r} does not map to a safe local path")
+        return RemoteFile(rel, meta["size"], etag=join_etag(meta["e_tag"], meta["version"]), locator=key)
+
+    async def _with_checksums(self, files: list[RemoteFile]) -> list[RemoteFile]:
+        """Fill RemoteFile.sha256 from published full-object SHA-256 checksums, best effort: a
+        failed lookup only means the engine has nothing to check the bytes against."""
+        env = self.options.env
+        anonymous = _true(env.get("awsAnonymousCredential"))
+        if not anonymous and not self._env("AWS_ACCESS_KEY_ID"):
+            return files  # default-chain credentials live inside obstore: no signing here
+        creds = None if anonymous else self._credentials()
+        verify = env.get("S3_VERIFY_SSL", "").strip().lower() not in ("0", "false")
+        tls: ssl.SSLContext | bool = verify
+        if verify and (bundle := self._ca_bundle()):
+            try:
+                tls = ssl.create_default_context(cafile=bundle)
+            except (OSError, ValueError):  # ssl.SSLError is an OSError; obstore will report it
+                return files
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.options.connect_timeout, sock_read=self.options.read_timeout
+        )
+        gate = asyncio.Semaphore(CHECKSUM_LOOKUPS)
+
+        async def one(session: aiohttp.ClientSession, f: RemoteFile) -> RemoteFile:
+            etag, version = split_etag(f.etag)
+            url = f"{self._object_base}/{quote(f.locator, safe='/~')}"
+            if version:
+                url += f"?versionId={quote(version, safe='')}"
+            extra = {"x-amz-checksum-mode": "ENABLED"}
+            headers = (
+                extra if creds is None else sigv4_headers("HEAD", url, self.region(), creds, extra, _now())
+            )
+            async with gate:
+                try:
+                    async with session.head(yarl_url(url), headers=headers, allow_redirects=False) as resp:
+                        if resp.status != 200:
+                            return f
+                        sha = full_object_sha256({k.lower(): v for k, v in resp.headers.items()}, etag)
+                except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+                    return f
+            return dataclasses.replace(f, sha256=sha) if sha else f
+
+        connector = aiohttp.TCPConnector(limit=CHECKSUM_LOOKUPS, ssl=tls)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            return list(await asyncio.gather(*(one(session, f) for f in files)))
+
+    def supports_ranges(self, f: RemoteFile) -> bool:
+        return f.size is not None
+
+    async def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
+        stop = f.size if end is None else end
+        if stop is None or stop <= start:
+            return
+        etag, version = split_etag(f.etag)
+        options: GetOptions = {"range": (start, stop)}
+        if etag:
+            options["if_match"] = etag
+        if version:
+            options["version"] = version
+        what = f"s3://{self.bucket}/{f.locator}"
+        try:
+            result = await obstore.get_async(self.store(), f.locator, options=options)
+            async for block in result.stream(min_chunk_size=READ_BLOCK):
+                yield bytes(block)
+        except ModelcacheError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, what) from exc
+
+    async def aclose(self) -> None:
+        self._store = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def yarl_url(url: str) -> yarl.URL:
+    """Keep our encoding of the key: the signature covers it exactly as written."""
+    return yarl.URL(url, encoded=True)
+
+
+SOURCE = S3Source

@@ -10,15 +10,18 @@ Without a cache dir the model is downloaded straight into DEST through the same 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelcache.engine import pull
 from modelcache.errors import UsageError
+from modelcache.sources.base import SourceOptions
 from modelcache.store import Store
 from modelcache.uri import redact
 
@@ -67,13 +70,32 @@ def _move_tree(src_dir: Path, dest: Path) -> None:
         os.replace(src, target)
 
 
+def kserve_patterns(env: Mapping[str, str]) -> SourceOptions:
+    """KServe's STORAGE_ALLOW_PATTERNS / STORAGE_IGNORE_PATTERNS (JSON lists) as include/exclude globs."""
+
+    def load(name: str) -> tuple[str, ...]:
+        raw = env.get(name, "").strip()
+        if not raw:
+            return ()
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise UsageError(f"{name} must be a JSON list of glob patterns") from exc
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{name} must be a JSON list of glob patterns")
+        return tuple(value)
+
+    return SourceOptions(include=load("STORAGE_ALLOW_PATTERNS"), exclude=load("STORAGE_IGNORE_PATTERNS"))
+
+
 async def initialize(uri: str, dest: Path, *, cache_dir: Path | None) -> InitResult:
     t0 = time.monotonic()
+    options = kserve_patterns(os.environ)
     dest = dest.absolute()
     dest.mkdir(parents=True, exist_ok=True)
     if cache_dir is not None:
         store = Store(cache_dir)
-        result = await pull(store, uri)
+        result = await pull(store, uri, options=options)
         with store.lease(result.record.key):  # nobody may evict it while we link or copy
             method = _link_or_copy(result.record.path, dest)
         res = InitResult(uri, dest, result.hit, method, time.monotonic() - t0, result.record.size_bytes)
@@ -84,7 +106,7 @@ async def initialize(uri: str, dest: Path, *, cache_dir: Path | None) -> InitRes
         if private.exists():
             shutil.rmtree(private)
         try:
-            result = await pull(Store(private), uri)
+            result = await pull(Store(private), uri, options=options)
             _move_tree(result.record.path, dest)
         finally:
             shutil.rmtree(private, ignore_errors=True)

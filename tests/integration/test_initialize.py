@@ -93,3 +93,26 @@ def test_other_filesystem_gets_a_copy(tmp_path: Path, origin: Origin, model_tar:
 def test_bad_arguments(tmp_path: Path) -> None:
     proc = run_cli(tmp_path, "initialize", "http://127.0.0.1:9/x.tar")
     assert proc.returncode == 2 and "usage: modelcache initialize" in proc.stderr
+
+
+def test_kserve_allow_and_ignore_patterns(
+    tmp_path: Path, origin: Origin, model_tar: Path, origin_root: Path
+) -> None:
+    (origin_root / "loose").mkdir()
+    for name in ("a.json", "b.bin", "c.txt"):
+        (origin_root / "loose" / name).write_text(name)
+    dest = tmp_path / "d"
+    proc = run_cli(
+        tmp_path / "u",
+        "initialize",
+        str(origin_root / "loose"),
+        str(dest),
+        STORAGE_ALLOW_PATTERNS='["*.json", "*.bin"]',
+        STORAGE_IGNORE_PATTERNS='["b.*"]',
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["a.json"]
+    bad = run_cli(
+        tmp_path / "u", "initialize", str(origin_root / "loose"), str(dest), STORAGE_ALLOW_PATTERNS="*.json"
+    )
+    assert bad.returncode == 2 and "JSON list" in bad.stderr

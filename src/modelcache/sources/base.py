@@ -17,7 +17,14 @@ from modelcache.errors import IntegrityError
 from modelcache.store.manifest import FileEntry
 from modelcache.uri import ModelURI
 
-ARCHIVE_SUFFIXES: dict[str, str] = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar", ".zip": "zip"}
+ARCHIVE_SUFFIXES: dict[str, str] = {
+    ".tar": "tar",
+    ".tar.gz": "tar",
+    ".tgz": "tar",
+    ".tar.bz2": "tar",
+    ".tar.xz": "tar",
+    ".zip": "zip",
+}
 
 
 def archive_kind(name: str) -> str | None:

@@ -62,6 +62,14 @@ def write_random(path: Path, size: int, seed: int = 0) -> bytes:
     return data
 
 
+def staging_done(home: Path) -> int:
+    """Bytes durably checkpointed by interrupted or running pulls (what a resume will not fetch again)."""
+    from modelcache.transfer import read_staging_summary
+
+    summaries = (read_staging_summary(d) for d in (home / ".modelcache" / "staging").glob("*"))
+    return sum(s.done_bytes for s in summaries if s is not None)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr

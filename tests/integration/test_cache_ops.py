@@ -13,21 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, popen_cli, run_cli, write_random
+from tests.conftest import assert_one_line_error, popen_cli, run_cli, staging_done, write_random
 from tests.support.origin import Origin
 
 MiB = 1 << 20
-
-
-def _staging_done(home: Path) -> int:
-    total = 0
-    for state in (home / ".modelcache" / "staging").glob("*/state.json"):
-        try:
-            data = json.loads(state.read_text())
-        except ValueError:
-            continue
-        total += sum(c[2] for f in data["files"].values() for c in f["chunks"])
-    return total
 
 
 def test_resume_after_kill_minus_9_refetches_little(home: Path, origin_root: Path) -> None:
@@ -37,13 +26,13 @@ def test_resume_after_kill_minus_9_refetches_little(home: Path, origin_root: Pat
         url = origin.url_for("/big.bin")
         proc = popen_cli(home, "pull", url, MODELCACHE_CONNECTIONS="8", MODELCACHE_CHUNK_SIZE=str(4 * MiB))
         deadline = time.monotonic() + 60
-        while _staging_done(home) < size * 0.4:
+        while staging_done(home) < size * 0.4:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        done_before = _staging_done(home)
+        done_before = staging_done(home)
         listing = json.loads(run_cli(home, "list", "--json").stdout)
         assert [m["state"] for m in listing] == ["partial"]
         origin.reset_stats()

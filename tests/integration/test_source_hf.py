@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, popen_cli, run_cli, write_random
+from tests.conftest import assert_one_line_error, popen_cli, run_cli, staging_done, write_random
 from tests.support.hf_endpoint import HfEndpoint
 
 MiB = 1 << 20
@@ -255,17 +255,6 @@ def test_corrupt_lfs_file_is_an_integrity_error(home: Path, tmp_path: Path) -> N
     assert not (home / "models").exists() or not list((home / "models").iterdir())
 
 
-def _staging_done(home: Path) -> int:
-    total = 0
-    for state in (home / ".modelcache" / "staging").glob("*/state.json"):
-        try:
-            data = json.loads(state.read_text())
-        except ValueError:
-            continue
-        total += sum(c[2] for f in data["files"].values() for c in f["chunks"])
-    return total
-
-
 def test_resume_after_kill_minus_9_refetches_little(home: Path, tmp_path: Path) -> None:
     src = _write_repo(tmp_path / "r", 1, seed=7, lfs_size=6 * MiB)
     size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
@@ -275,7 +264,7 @@ def test_resume_after_kill_minus_9_refetches_little(home: Path, tmp_path: Path) 
         env = {"HF_ENDPOINT": ep.url, "HF_TOKEN": ""}
         proc = popen_cli(home, "pull", uri, MODELCACHE_CONNECTIONS="4", MODELCACHE_CHUNK_SIZE=str(MiB), **env)
         deadline = time.monotonic() + 60
-        while _staging_done(home) < size * 0.4:
+        while staging_done(home) < size * 0.4:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -284,7 +273,7 @@ def test_resume_after_kill_minus_9_refetches_little(home: Path, tmp_path: Path) 
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()
-        done_before = _staging_done(home)
+        done_before = staging_done(home)
         listing = json.loads(run_cli(home, "list", "--json").stdout)
         assert [m["state"] for m in listing] == ["partial"]
         ep.reset_stats()

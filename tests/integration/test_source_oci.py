@@ -19,7 +19,7 @@ import pytest
 
 from modelcache.errors import UsageError
 from modelcache.sources.oci import DOCKER_HUB, host_arch, parse_reference
-from tests.conftest import assert_one_line_error, popen_cli, run_cli, write_random
+from tests.conftest import assert_one_line_error, popen_cli, run_cli, staging_done, write_random
 from tests.support.registry import Link, Registry, available, tar_bytes
 
 MiB = 1 << 20
@@ -239,17 +239,6 @@ def test_corrupt_layer_is_an_integrity_error(home: Path, registry: Registry, tmp
     assert run_cli(home, "path", registry.uri("models/corrupt", "v1")).returncode == 3
 
 
-def _staging_done(home: Path) -> int:
-    total = 0
-    for state in (home / ".modelcache" / "staging").glob("*/state.json"):
-        try:
-            data = json.loads(state.read_text())
-        except ValueError:
-            continue
-        total += sum(c[2] for f in data["files"].values() for c in f["chunks"])
-    return total
-
-
 def test_resume_after_kill_minus_9(home: Path, registry: Registry, tmp_path: Path) -> None:
     size = 64 * MiB
     data = write_random(tmp_path / "big.bin", size, seed=5)
@@ -258,13 +247,13 @@ def test_resume_after_kill_minus_9(home: Path, registry: Registry, tmp_path: Pat
     # the registry is fast: a rate cap leaves time to see ~30% land before the kill
     proc = popen_cli(home, "pull", uri, "--limit-rate", "16Mi", MODELCACHE_CONNECTIONS="4")
     deadline = time.monotonic() + 60
-    while _staging_done(home) < size * 0.3:
+    while staging_done(home) < size * 0.3:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = _staging_done(home)
+    done_before = staging_done(home)
     assert [m["state"] for m in json.loads(run_cli(home, "list", "--json").stdout)] == ["partial"]
     again = run_cli(home, "pull", uri, "--json")
     assert again.returncode == 0, again.stderr

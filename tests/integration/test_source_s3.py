@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, cli_env, popen_cli, run_cli
+from tests.conftest import assert_one_line_error, cli_env, popen_cli, run_cli, staging_done
 from tests.support.moto_server import MotoS3
 
 MiB = 1 << 20
@@ -192,17 +192,6 @@ def test_wrong_credentials_are_exit_6_without_the_secret(home: Path, world: Worl
     assert world.secret not in proc.stderr + proc.stdout
 
 
-def _staging_done(home: Path) -> int:
-    total = 0
-    for state in (home / ".modelcache" / "staging").glob("*/state.json"):
-        try:
-            data = json.loads(state.read_text())
-        except ValueError:
-            continue
-        total += sum(c[2] for f in data["files"].values() for c in f["chunks"])
-    return total
-
-
 def test_resume_after_kill_minus_9_refetches_little(home: Path, world: World) -> None:
     moto = world.moto
     uri = f"s3://{BUCKET}/{BIG_KEY}"
@@ -212,7 +201,7 @@ def test_resume_after_kill_minus_9_refetches_little(home: Path, world: World) ->
             home, "pull", uri, MODELCACHE_CONNECTIONS="8", MODELCACHE_CHUNK_SIZE=str(4 * MiB), **world.env()
         )
         deadline = time.monotonic() + 60
-        while _staging_done(home) < BIG_SIZE * 0.3:
+        while staging_done(home) < BIG_SIZE * 0.3:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -220,7 +209,7 @@ def test_resume_after_kill_minus_9_refetches_little(home: Path, world: World) ->
         proc.wait()
     finally:
         moto.set_rate(None)
-    done_before = _staging_done(home)
+    done_before = staging_done(home)
     assert done_before < BIG_SIZE
     moto.wait_idle()  # the killed pull's responses have stopped: count only the resumed one
     moto.reset_stats()

@@ -17,6 +17,7 @@ import typer
 from modelcache.errors import ConflictError, IntegrityError, NotFoundError
 from modelcache.quantity import format_bytes, parse_quantity
 from modelcache.store import ModelRecord, Store
+from modelcache.uri import redact
 
 app = typer.Typer(
     name="modelcache",
@@ -118,7 +119,7 @@ def pull(
         config.limit_rate = parse_quantity(limit_rate)
     options = SourceOptions(revision=revision, include=tuple(include or ()), exclude=tuple(exclude or ()))
     store = G.store()
-    from modelcache.uri import parse_uri, redact
+    from modelcache.uri import parse_uri
 
     label = redact(parse_uri(uri).uri).rsplit("/", 1)[-1] or uri
     progress = make_progress(label, quiet=G.quiet)
@@ -183,7 +184,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON list of mod
             str(r.file_count),
             _ago(r.last_used_at),
             "yes" if r.pinned else "",
-            r.uri,
+            redact(r.uri),
         )
     console = Console()
     if records:
@@ -224,15 +225,15 @@ def rm(
     recs = [store.get(r) for r in refs]
     for rec in recs:
         if rec.pinned and not force:
-            raise ConflictError(f"{rec.uri} is pinned; unpin it or use --force")
+            raise ConflictError(f"{redact(rec.uri)} is pinned; unpin it or use --force")
         if rec.in_use:
-            raise ConflictError(f"{rec.uri} is in use; stop its users first")
+            raise ConflictError(f"{redact(rec.uri)} is in use; stop its users first")
     for rec in recs:
         if dry_run:
-            sys.stdout.write(f"would remove {rec.key} {format_bytes(rec.size_bytes)} {rec.uri}\n")
+            sys.stdout.write(f"would remove {rec.key} {format_bytes(rec.size_bytes)} {redact(rec.uri)}\n")
         else:
             store.remove(rec.key, force=force)
-            sys.stdout.write(f"removed {rec.key} {format_bytes(rec.size_bytes)} {rec.uri}\n")
+            sys.stdout.write(f"removed {rec.key} {format_bytes(rec.size_bytes)} {redact(rec.uri)}\n")
 
 
 @app.command()
@@ -241,7 +242,7 @@ def pin(ref: str) -> None:
     store = G.store()
     rec = store.get(ref)
     store.set_pinned(rec.key, True)
-    sys.stdout.write(f"pinned {rec.key} {rec.uri}\n")
+    sys.stdout.write(f"pinned {rec.key} {redact(rec.uri)}\n")
 
 
 @app.command()
@@ -250,7 +251,7 @@ def unpin(ref: str) -> None:
     store = G.store()
     rec = store.get(ref)
     store.set_pinned(rec.key, False)
-    sys.stdout.write(f"unpinned {rec.key} {rec.uri}\n")
+    sys.stdout.write(f"unpinned {rec.key} {redact(rec.uri)}\n")
 
 
 @app.command()
@@ -270,7 +271,7 @@ def verify(
     for rec in recs:
         problems = store.verify(rec.key, full=full)
         status = "ok" if not problems else "FAILED"
-        sys.stdout.write(f"{status:>6} {rec.key} {rec.uri}\n")
+        sys.stdout.write(f"{status:>6} {rec.key} {redact(rec.uri)}\n")
         for p in problems:
             sys.stdout.write(f"         {p}\n")
             bad.append(f"{rec.key}: {p}")
@@ -366,7 +367,6 @@ def initialize(
     """Storage-initializer drop-in: fill DEST from the shared cache (download into it once on a miss)."""
     from modelcache.initializer import initialize as init_one
     from modelcache.initializer import pairs
-    from modelcache.uri import redact
 
     for uri, dest in pairs(args):
         res = asyncio.run(init_one(uri, dest, cache_dir=cache_dir))

@@ -40,11 +40,12 @@ def _fast_path(argv: list[str]) -> int | None:
     if len(rest) != 2 or rest[0] != "path" or rest[1].startswith("-"):
         return None
     from modelcache.store import Store
+    from modelcache.uri import redact
 
     store = Store(home)
     rec = store.lookup(rest[1])
     if rec is None:
-        return fail(f"not cached: {rest[1]}", 3)
+        return fail(f"not cached: {redact(rest[1])}", 3)
     store.touch(rec.key)
     sys.stdout.write(f"{rec.path}\n")
     return 0

@@ -32,7 +32,7 @@ from modelcache.store.evict import Candidate
 from modelcache.store.index import Index, IndexRow
 from modelcache.store.locks import FileLock, is_held
 from modelcache.store.manifest import Manifest, load_manifest, save_manifest
-from modelcache.uri import is_key, parse_uri, storage_key
+from modelcache.uri import is_key, parse_uri, redact, storage_key
 
 META = ".modelcache"
 HASH_BLOCK = 4 << 20
@@ -65,7 +65,7 @@ class ModelRecord:
     def as_dict(self) -> dict[str, Any]:
         return {
             "key": self.key,
-            "uri": self.uri,
+            "uri": redact(self.uri),  # signed URLs (SAS, presigned S3) carry secrets in the query
             "path": str(self.path),
             "size_bytes": self.size_bytes,
             "state": self.state,
@@ -146,7 +146,7 @@ class Store:
     def get(self, ref: str) -> ModelRecord:
         rec = self.lookup(ref)
         if rec is None:
-            raise NotFoundError(f"not cached: {ref}")
+            raise NotFoundError(f"not cached: {redact(ref)}")
         return rec
 
     def touch(self, key: str) -> None:
@@ -238,9 +238,9 @@ class Store:
         if row is None and not self.model_dir(key).exists():
             raise NotFoundError(f"not cached: {key}")
         if row is not None and row.pinned and not force:
-            raise ConflictError(f"{row.uri} is pinned; unpin it or use --force")
+            raise ConflictError(f"{redact(row.uri)} is pinned; unpin it or use --force")
         if self.in_use(key):
-            raise ConflictError(f"{row.uri if row else key} is in use; stop its users first")
+            raise ConflictError(f"{redact(row.uri) if row else key} is in use; stop its users first")
         size = row.size_bytes if row else 0
         if self.model_dir(key).exists():
             self._trash(self.model_dir(key))

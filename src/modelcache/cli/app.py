@@ -386,13 +386,27 @@ def initialize(
 
 
 def _mount_optional() -> None:
-    """Sub-apps that live in their own modules (dev control plane) join when present."""
+    """Commands that live in their own modules join when present (each imports its heavy parts lazily).
+
+    `cli/dev.py` is a typer sub-app; `cli/<name>.py` for controller, agent and webhook exposes
+    `main`, a typer command function.
+    """
+    import importlib
+
     with contextlib.suppress(ImportError):
         from modelcache.cli.dev import app as dev_app
 
         app.add_typer(
             dev_app, name="dev", help="Local control plane (etcd + kube-apiserver) for trying the operator."
         )
+    for name in ("controller", "agent", "webhook"):
+        try:
+            module = importlib.import_module(f"modelcache.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"modelcache.cli.{name}":
+                raise
+            continue
+        app.command(name)(module.main)
 
 
 def run(argv: list[str]) -> int:

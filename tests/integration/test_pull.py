@@ -235,3 +235,16 @@ def test_revision_flag_rejected_where_meaningless(home: Path, origin: Origin, or
     write_random(origin_root / "r.bin", 1000)
     line = assert_one_line_error(run_cli(home, "pull", origin.url_for("/r.bin"), "--revision", "v2"), 2)
     assert "--revision does not apply" in line
+
+
+def test_kserve_host_headers_env(home: Path, origin_root: Path) -> None:
+    write_random(origin_root / "p.bin", 2 * MiB)
+    with Origin(origin_root, token="s3cr3t-t0ken") as o:
+        url = o.url_for("/p.bin")
+        denied = run_cli(home, "pull", url)
+        assert "s3cr3t" not in denied.stderr
+        assert_one_line_error(denied, 6)
+        ok = run_cli(home, "pull", url, **{"127.0.0.1-headers": '{"Authorization": "Bearer s3cr3t-t0ken"}'})
+        assert ok.returncode == 0, ok.stderr
+        bad = run_cli(home.parent / "h2", "pull", url, **{"127.0.0.1-headers": "nope"})
+        assert "must be a JSON object" in assert_one_line_error(bad, 2)

@@ -2,7 +2,7 @@
 
 Checksums: a server that publishes `Repr-Digest: sha-256=:<b64>:` (RFC 9530) or the older
 `Digest: SHA-256=<b64>` has the file checked against it; otherwise we record our own sha256.
-Auth: `MODELCACHE_HTTP_BEARER_TOKEN` (sent as a bearer token) or userinfo in the URL; neither
+Auth: KServe's `<host>-headers` env (JSON), `MODELCACHE_HTTP_BEARER_TOKEN` or userinfo in the URL; none
 ever appears in messages (`redact`).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import re
 from collections.abc import AsyncGenerator
 from email.utils import parsedate_to_datetime
@@ -19,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError
+from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError, UsageError
 from modelcache.sources.base import RemoteFile, Snapshot, Source, archive_kind
 from modelcache.uri import redact
 
@@ -66,8 +67,22 @@ class HttpSource(Source):
         return redact(self.uri.uri)
 
     def _headers(self) -> dict[str, str]:
+        """KServe's `<host>-headers` (a JSON object, as its storage initializer reads it), then our token."""
+        headers: dict[str, str] = {}
+        host = urlsplit(self.url).hostname or ""
+        raw = self.options.env.get(f"{host}-headers")
+        if raw:
+            try:
+                extra = json.loads(raw)
+            except ValueError as exc:
+                raise UsageError(f"{host}-headers must be a JSON object of header names to values") from exc
+            if not isinstance(extra, dict):
+                raise UsageError(f"{host}-headers must be a JSON object of header names to values")
+            headers.update({str(k): str(v) for k, v in extra.items()})
         token = self.options.env.get("MODELCACHE_HTTP_BEARER_TOKEN")
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:

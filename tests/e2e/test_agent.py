@@ -39,7 +39,7 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "dev-node-1"
-GROUP = "workers"
+GROUP = "agent-e2e-workers"  # not "workers": the seed manifests create that one in the same cluster
 JOB_NS = "kserve-localmodel-jobs"
 USER = "modelcache-agent-e2e"
 MiB = 1 << 20

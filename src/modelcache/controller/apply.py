@@ -1,0 +1,308 @@
+"""Executes a `Plan` against the API server: the only place controller writes happen.
+
+Every write is idempotent (create tolerates 409, patch/delete tolerate 404), so a stale observation
+costs at most a redundant request. `Recent` remembers writes that just succeeded so that the next
+pass, which may run before the watch has echoed them back, does not send the same write again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightkube import ApiError, AsyncClient, codecs
+from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+from lightkube.resources.apps_v1 import DaemonSet
+from lightkube.resources.core_v1 import Event as CoreEvent
+from lightkube.resources.core_v1 import Node, PersistentVolume, PersistentVolumeClaim
+from lightkube.types import PatchType
+
+from modelcache.api.types import GROUP, VERSION
+
+from .reconcile import Event, FinalizerPatch, ObjectRef, Plan, Volume
+
+log = logging.getLogger("modelcache.controller")
+
+COMPONENT = "modelcache-controller"
+
+LocalModelCacheRes = create_global_resource(GROUP, VERSION, "LocalModelCache", "localmodelcaches")
+LocalModelNamespaceCacheRes = create_namespaced_resource(
+    GROUP, VERSION, "LocalModelNamespaceCache", "localmodelnamespacecaches"
+)
+LocalModelNodeGroupRes = create_global_resource(GROUP, VERSION, "LocalModelNodeGroup", "localmodelnodegroups")
+LocalModelNodeRes = create_global_resource(GROUP, VERSION, "LocalModelNode", "localmodelnodes")
+
+
+def _fingerprint(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Recent:
+    """Writes that succeeded within `window` seconds, by target, with what was written."""
+
+    def __init__(self, window: float = 5.0) -> None:
+        self.window = window
+        self._done: dict[tuple[str, ...], tuple[str, float]] = {}
+
+    def fresh(self, key: tuple[str, ...], value: Any) -> bool:
+        """True when exactly this write to this target just succeeded (skip it)."""
+        found = self._done.get(key)
+        return (
+            found is not None
+            and found[0] == _fingerprint(value)
+            and time.monotonic() - found[1] < self.window
+        )
+
+    def record(self, key: tuple[str, ...], value: Any) -> None:
+        now = time.monotonic()
+        self._done[key] = (_fingerprint(value), now)
+        if len(self._done) > 50_000:
+            self._done = {k: v for k, v in self._done.items() if now - v[1] < self.window}
+
+
+@dataclass
+class Outcome:
+    writes: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+class Writer:
+    """Applies plans with bounded concurrency; failures are logged and reported, never raised."""
+
+    def __init__(
+        self, client: AsyncClient, namespace: str, *, concurrency: int = 16, event_memory: float = 600.0
+    ) -> None:
+        self.client = client
+        self.namespace = namespace  # where the agent DaemonSets live
+        self.recent = Recent()
+        self._sem = asyncio.Semaphore(concurrency)
+        self._event_sem = asyncio.Semaphore(4)  # separate: jobs post events while holding _sem
+        self._events: dict[tuple[str, ...], float] = {}
+        self._event_memory = event_memory
+
+    async def apply(self, plan: Plan) -> Outcome:
+        outcome = Outcome()
+        jobs: list[tuple[tuple[str, ...], Any, Callable[[], Awaitable[None]]]] = []
+
+        # Finalizer patches carry the resourceVersion they were computed from, so they go first:
+        # a status patch to the same cache would otherwise bump it and make them conflict.
+        first = [
+            (("finalizers", *fp.cache), fp.finalizers, self._finalizers_job(fp)) for fp in plan.finalizers
+        ]
+        for body in plan.lmn_creates:
+            jobs.append(
+                (("lmn", body["metadata"]["name"]), body["spec"], self._create_job(LocalModelNodeRes, body))
+            )
+        for name, entries in plan.lmn_updates.items():
+            patch = {"spec": {"localModels": entries}}
+            jobs.append(
+                (("lmn", name), {"localModels": entries}, self._patch_job(LocalModelNodeRes, name, patch))
+            )
+        for name in plan.lmn_deletes:
+            jobs.append((("lmn-delete", name), None, self._delete_job(LocalModelNodeRes, name)))
+        for (namespace, name), status in plan.cache_status:
+            res: Any = LocalModelNamespaceCacheRes if namespace else LocalModelCacheRes
+            jobs.append(
+                (
+                    ("cache-status", namespace, name),
+                    status,
+                    self._patch_job(res.Status, name, {"status": status}, namespace or None),
+                )
+            )
+        for name, status in plan.group_status:
+            jobs.append(
+                (
+                    ("group-status", name),
+                    status,
+                    self._patch_job(LocalModelNodeGroupRes.Status, name, {"status": status}),
+                )
+            )
+        for cache_ref, body in plan.volume_creates:
+            meta = body["metadata"]
+            key = ("volume", body["kind"], meta.get("namespace", ""), meta["name"])
+            jobs.append((key, None, self._volume_job(cache_ref, body)))
+        for volume in plan.volume_deletes:
+            jobs.append((("volume-delete", *volume.key), None, self._delete_volume_job(volume)))
+        for body in plan.daemonset_applies:
+            meta = body["metadata"]
+            jobs.append((("daemonset", meta["name"]), body["spec"], self._daemonset_job(body)))
+        for name in plan.daemonset_deletes:
+            jobs.append((("daemonset-delete", name), None, self._delete_job(DaemonSet, name, self.namespace)))
+        for node, labels in plan.node_labels.items():
+            label_patch: dict[str, Any] = {"metadata": {"labels": labels}}
+            jobs.append((("node-labels", node), labels, self._patch_job(Node, node, label_patch)))
+
+        async def run(key: tuple[str, ...], value: Any, job: Callable[[], Awaitable[None]]) -> None:
+            if self.recent.fresh(key, value):
+                outcome.skipped += 1
+                return
+            async with self._sem:
+                try:
+                    await job()
+                except ApiError as exc:
+                    outcome.failed.append(f"{'/'.join(key)}: {exc.status.code} {exc.status.message}")
+                    return
+                except Exception as exc:  # network: retried on the next pass
+                    outcome.failed.append(f"{'/'.join(key)}: {type(exc).__name__}: {exc}")
+                    return
+            outcome.writes += 1
+            self.recent.record(key, value)
+
+        await asyncio.gather(*(run(k, v, j) for k, v, j in first))
+        await asyncio.gather(*(run(k, v, j) for k, v, j in jobs))
+        await self.post_events(plan.events)
+        for failure in outcome.failed[:5]:
+            log.warning("write failed (will retry): %s", failure)
+        if len(outcome.failed) > 5:
+            log.warning("... and %d more failed writes", len(outcome.failed) - 5)
+        return outcome
+
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    def _finalizers_job(self, fp: FinalizerPatch) -> Callable[[], Awaitable[None]]:
+        namespace, name = fp.cache
+        res: Any = LocalModelNamespaceCacheRes if namespace else LocalModelCacheRes
+        # resourceVersion makes it conditional: never drop a finalizer someone added meanwhile.
+        patch = {
+            "metadata": {"finalizers": list(fp.finalizers) or None, "resourceVersion": fp.resource_version}
+        }
+        return self._patch_job(res, name, patch, namespace or None)
+
+    def _patch_job(
+        self, res: Any, name: str, patch: dict[str, Any], namespace: str | None = None
+    ) -> Callable[[], Awaitable[None]]:
+        async def job() -> None:
+            try:
+                await self.client.patch(res, name, patch, namespace=namespace, patch_type=PatchType.MERGE)
+            except ApiError as exc:
+                if exc.status.code != 404:
+                    raise
+
+        return job
+
+    def _create_job(self, res: Any, body: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+        async def job() -> None:
+            try:
+                await self.client.create(res(body))
+            except ApiError as exc:
+                if exc.status.code != 409:
+                    raise
+
+        return job
+
+    def _volume_job(self, cache: ObjectRef, body: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+        """Create a PV/PVC and say so on the cache, or say why not (e.g. jobNamespace missing)."""
+        meta = body["metadata"]
+        where = f"{meta['namespace']}/{meta['name']}" if meta.get("namespace") else meta["name"]
+        what = f"{body['kind']} {where}"
+
+        async def job() -> None:
+            try:
+                await self.client.create(codecs.from_dict(body))
+            except ApiError as exc:
+                if exc.status.code == 409:
+                    return
+                await self.post_events(
+                    [Event(cache, "Warning", "VolumeFailed", f"{what}: {exc.status.message}")]
+                )
+                raise
+            await self.post_events([Event(cache, "Normal", "VolumeCreated", what)])
+
+        return job
+
+    def _delete_job(self, res: Any, name: str, namespace: str | None = None) -> Callable[[], Awaitable[None]]:
+        async def job() -> None:
+            try:
+                await self.client.delete(res, name, namespace=namespace)
+            except ApiError as exc:
+                if exc.status.code != 404:
+                    raise
+
+        return job
+
+    def _delete_volume_job(self, volume: Volume) -> Callable[[], Awaitable[None]]:
+        if volume.kind == "PersistentVolume":
+            return self._delete_job(PersistentVolume, volume.name)
+        return self._delete_job(PersistentVolumeClaim, volume.name, volume.namespace)
+
+    def _daemonset_job(self, body: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+        meta = body["metadata"]
+
+        async def job() -> None:
+            try:
+                await self.client.create(codecs.from_dict(body))
+                return
+            except ApiError as exc:
+                if exc.status.code != 409:
+                    raise
+            # Exists with another spec: merge-patch ours over it (labels, annotations, spec).
+            patch = {
+                "metadata": {"labels": meta["labels"], "annotations": meta["annotations"]},
+                "spec": body["spec"],
+            }
+            await self.client.patch(
+                DaemonSet, meta["name"], patch, namespace=meta["namespace"], patch_type=PatchType.MERGE
+            )
+
+        return job
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    async def post_events(self, events: list[Event]) -> None:
+        """Kubernetes events, each (object, reason, message) at most once per `event_memory` seconds."""
+        now = time.monotonic()
+        if len(self._events) > 10_000:
+            self._events = {k: t for k, t in self._events.items() if now - t < self._event_memory}
+        fresh = []
+        for ev in events:
+            key = (ev.ref.kind, ev.ref.namespace, ev.ref.name, ev.reason, ev.message)
+            seen = self._events.get(key)
+            if seen is not None and now - seen < self._event_memory:
+                continue
+            self._events[key] = now
+            fresh.append(ev)
+
+        async def post(ev: Event) -> None:
+            async with self._event_sem:
+                try:
+                    await self.client.create(_core_event(ev))
+                except Exception as exc:  # events are best effort
+                    log.debug("event not posted: %s", exc)
+
+        await asyncio.gather(*(post(ev) for ev in fresh))
+
+
+def _core_event(ev: Event) -> CoreEvent:
+    stamp = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    namespace = ev.ref.namespace or "default"  # where kubectl describe looks for cluster-scoped objects
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{ev.ref.name[:200]}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": ev.ref.api_version,
+            "kind": ev.ref.kind,
+            "name": ev.ref.name,
+            "namespace": ev.ref.namespace or None,
+            "uid": ev.ref.uid or None,
+        },
+        "reason": ev.reason,
+        "message": ev.message[:1024],
+        "type": ev.type,
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "firstTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "lastTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "count": 1,
+    }
+    event = codecs.from_dict(body)
+    assert isinstance(event, CoreEvent)
+    return event

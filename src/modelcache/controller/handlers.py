@@ -1,0 +1,111 @@
+"""kopf wiring: indexes keep a compact view of every object we reason about, and every event pokes the
+reconciler. Handlers are coroutines: kopf runs plain functions in threads, and the wake-up signal is
+an asyncio.Event that must be set from the loop. No create/update/delete handlers (they would make
+kopf write its own annotations and finalizers): the reconciler recomputes everything from the
+indexes, level-based.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+
+from modelcache.api.types import GROUP, VERSION
+
+from . import reconcile as r
+
+log = logging.getLogger("modelcache.controller")
+
+#: kopf resource selectors (group, version, plural).
+NODES = ("v1", "nodes")
+GROUPS = (GROUP, VERSION, "localmodelnodegroups")
+CACHES = (GROUP, VERSION, "localmodelcaches")
+NAMESPACE_CACHES = (GROUP, VERSION, "localmodelnamespacecaches")
+MODEL_NODES = (GROUP, VERSION, "localmodelnodes")
+ISVCS = (GROUP, "v1beta1", "inferenceservices")
+LLMISVCS = (GROUP, "v1alpha2", "llminferenceservices")
+
+#: Index names (kopf passes them to handlers as keyword arguments under these names).
+INDEXES = (
+    "nodes_idx",
+    "groups_idx",
+    "caches_idx",
+    "ns_caches_idx",
+    "model_nodes_idx",
+    "services_idx",
+    "llm_services_idx",
+)
+
+
+class Hub:
+    """What handlers share with the reconciler loop: the live indexes and a wake-up signal."""
+
+    def __init__(self, poke: Callable[[], None]) -> None:
+        self.poke = poke
+        self.indexes: dict[str, Any] | None = None
+
+    def capture(self, kwargs: Mapping[str, Any]) -> None:
+        """The first handler call proves every index is populated (kopf waits for that)."""
+        if self.indexes is None:
+            missing = [name for name in INDEXES if name not in kwargs]
+            if missing:
+                raise RuntimeError(f"kopf did not pass indexes {missing}")
+            self.indexes = {name: kwargs[name] for name in INDEXES}
+            log.info("indexes populated; reconciling")
+
+    def snapshot(self) -> dict[str, list[Any]]:
+        """A plain copy of every index's values (safe to use across awaits)."""
+        out: dict[str, list[Any]] = {}
+        for name, index in (self.indexes or {}).items():
+            out[name] = [value for store in index.values() for value in store]
+        return out
+
+
+def build_registry(hub: Hub) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.index(*NODES, registry=registry, id="nodes_idx")
+    async def nodes_idx(body: kopf.Body, **_: Any) -> r.Node:
+        return r.node_from(body)
+
+    @kopf.index(*GROUPS, registry=registry, id="groups_idx")
+    async def groups_idx(body: kopf.Body, **_: Any) -> r.NodeGroup:
+        return r.group_from(body)
+
+    @kopf.index(*CACHES, registry=registry, id="caches_idx")
+    async def caches_idx(body: kopf.Body, **_: Any) -> r.Cache:
+        return r.cache_from(body)
+
+    @kopf.index(*NAMESPACE_CACHES, registry=registry, id="ns_caches_idx")
+    async def ns_caches_idx(body: kopf.Body, **_: Any) -> r.Cache:
+        return r.cache_from(body)
+
+    @kopf.index(*MODEL_NODES, registry=registry, id="model_nodes_idx")
+    async def model_nodes_idx(body: kopf.Body, **_: Any) -> r.ModelNode:
+        return r.model_node_from(body)
+
+    # kopf keeps an object's previous value when an index function returns None, so a service
+    # that loses its localmodel label returns an empty mapping instead: that clears its entry.
+    @kopf.index(*ISVCS, registry=registry, id="services_idx")
+    async def services_idx(body: kopf.Body, **_: Any) -> r.Service | dict[str, Any]:
+        return r.service_from(body) or {}
+
+    @kopf.index(*LLMISVCS, registry=registry, id="llm_services_idx")
+    async def llm_services_idx(body: kopf.Body, **_: Any) -> r.Service | dict[str, Any]:
+        return r.service_from(body) or {}
+
+    async def poke(**kwargs: Any) -> None:
+        hub.capture(kwargs)
+        hub.poke()
+
+    for selector in (NODES, GROUPS, CACHES, NAMESPACE_CACHES, MODEL_NODES, ISVCS, LLMISVCS):
+        kopf.on.event(*selector, registry=registry, id=f"poke-{selector[-1]}")(poke)
+    return registry
+
+
+def services(snapshot: Mapping[str, list[Any]]) -> list[r.Service]:
+    found = snapshot.get("services_idx", []) + snapshot.get("llm_services_idx", [])
+    return [s for s in found if isinstance(s, r.Service)]

@@ -1,0 +1,357 @@
+"""The controller process: leader election, kopf watches, the config watcher and the reconcile loop.
+
+One loop does all the work: wake up on any watch event (debounced), on config change, on retry, or
+every `reconcilationFrequencyInSecs`; snapshot the indexes; `reconcile.plan()`; apply the plan. A
+failed write is retried with backoff on the next pass; nothing is edge-triggered, so a missed event
+costs at most one resync period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
+from lightkube import operators as ops
+from lightkube.resources.apps_v1 import DaemonSet
+from lightkube.resources.core_v1 import ConfigMap, PersistentVolume, PersistentVolumeClaim
+
+from modelcache.errors import ModelcacheError, UsageError
+from modelcache.kube.config import LocalModelConfig, parse_local_model_config
+from modelcache.kube.constants import CONFIGMAP_NAME, MANAGED_BY, MANAGED_BY_LABEL
+
+from . import reconcile as r
+from .apply import Writer
+from .handlers import Hub, build_registry, services
+from .leader import LeaderElector, default_identity
+
+log = logging.getLogger("modelcache.controller")
+
+FIELD_MANAGER = "modelcache-controller"
+EXIT_LOST_LEADERSHIP = 1
+
+
+@dataclass
+class Options:
+    namespace: str = "kserve"
+    kubeconfig: Path | None = None
+    agent_image: str = r.DEFAULT_AGENT_IMAGE
+    leader_elect: bool = True
+    lease_duration: float = 15.0
+    health_port: int = 0  # 0: no health endpoint
+    health_host: str = "0.0.0.0"  # the kubelet probes from outside the pod
+    debounce: float = 0.3
+    identity: str = field(default_factory=default_identity)
+
+
+class LostLeadershipError(ModelcacheError):
+    """Another replica holds the Lease now; exit so that the Deployment restarts us as a candidate."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _obj_dict(obj: Any) -> dict[str, Any]:
+    """A lightkube model as the plain dict the API sent."""
+    data = obj.to_dict()
+    assert isinstance(data, dict)
+    return data
+
+
+class Controller:
+    def __init__(self, client: AsyncClient, opts: Options) -> None:
+        self.client = client
+        self.opts = opts
+        self.config = LocalModelConfig()
+        self.config_loaded = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.hub = Hub(self._wake.set)
+        self.writer = Writer(client, opts.namespace)
+        self.passes = 0
+        self.converged = False
+
+    # -- config ----------------------------------------------------------------------------------------
+
+    def _set_config(self, data: dict[str, Any] | None) -> None:
+        try:
+            config = parse_local_model_config(data)
+        except UsageError as exc:
+            log.error("%s; keeping the previous configuration", exc)
+            self.config_loaded.set()
+            return
+        if config != self.config or not self.config_loaded.is_set():
+            if config.model_dump() != self.config.model_dump():
+                log.info("configuration: %s", config.model_dump_json())
+            if not config.enabled:
+                log.info(
+                    "localModel.enabled is false: caches are still reconciled (as KServe does); "
+                    "InferenceServices are not routed to them until it is true"
+                )
+            self.config = config
+            self._wake.set()
+        self.config_loaded.set()
+
+    async def watch_config(self) -> None:
+        """Follow `inferenceservice-config` in our namespace; absent means KServe's defaults."""
+        while True:
+            try:
+                try:
+                    cm = await self.client.get(ConfigMap, CONFIGMAP_NAME, namespace=self.opts.namespace)
+                    self._set_config(dict(cm.data or {}))
+                    version = cm.metadata.resourceVersion if cm.metadata else None
+                except ApiError as exc:
+                    if exc.status.code != 404:
+                        raise
+                    self._set_config(None)
+                    version = None
+                async for op, obj in self.client.watch(
+                    ConfigMap,
+                    namespace=self.opts.namespace,
+                    fields={"metadata.name": CONFIGMAP_NAME},
+                    resource_version=version,
+                ):
+                    self._set_config(None if op == "DELETED" else dict(obj.data or {}))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watching %s/%s: %s; retrying", self.opts.namespace, CONFIGMAP_NAME, exc)
+                await asyncio.sleep(2.0)
+
+    # -- observe ---------------------------------------------------------------------------------------
+
+    async def _list_volumes(self) -> list[r.Volume] | None:
+        labels: dict[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY, r.VOLUME_ROLE_LABEL: ops.exists()}
+        try:
+            found = []
+            async for pv in self.client.list(PersistentVolume, labels=labels):
+                found.append(r.volume_from({"kind": "PersistentVolume", **_obj_dict(pv)}))
+            async for pvc in self.client.list(PersistentVolumeClaim, namespace="*", labels=labels):
+                found.append(r.volume_from({"kind": "PersistentVolumeClaim", **_obj_dict(pvc)}))
+        except Exception as exc:
+            log.warning("listing PVs/PVCs failed (volumes left alone this pass): %s", exc)
+            return None
+        return [v for v in found if v is not None]
+
+    async def _list_daemonsets(self) -> dict[str, str] | None:
+        labels: dict[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY, r.COMPONENT_LABEL: r.AGENT_COMPONENT}
+        try:
+            out = {}
+            async for ds in self.client.list(DaemonSet, namespace=self.opts.namespace, labels=labels):
+                meta = ds.metadata
+                if meta is None or not meta.name:
+                    continue
+                out[meta.name] = (meta.annotations or {}).get(r.SPEC_HASH_ANNOTATION, "")
+        except Exception as exc:
+            log.warning("listing DaemonSets failed (left alone this pass): %s", exc)
+            return None
+        return out
+
+    async def observe(self) -> r.Observed:
+        snap = self.hub.snapshot()
+        volumes, daemonsets = await asyncio.gather(self._list_volumes(), self._list_daemonsets())
+        caches = [
+            c for c in snap.get("caches_idx", []) + snap.get("ns_caches_idx", []) if isinstance(c, r.Cache)
+        ]
+        return r.Observed(
+            namespace=self.opts.namespace,
+            config=self.config,
+            nodes={n.name: n for n in snap.get("nodes_idx", []) if isinstance(n, r.Node)},
+            groups={g.name: g for g in snap.get("groups_idx", []) if isinstance(g, r.NodeGroup)},
+            caches=caches,
+            model_nodes={m.name: m for m in snap.get("model_nodes_idx", []) if isinstance(m, r.ModelNode)},
+            services=services(snap),
+            volumes=volumes,
+            daemonsets=daemonsets,
+            agent_image=self.opts.agent_image,
+        )
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    async def reconcile_forever(self) -> None:
+        await self.config_loaded.wait()
+        backoff = 0.5
+        retry_at: float | None = None
+        while True:
+            timeout = float(self.config.resync_seconds)
+            if retry_at is not None:
+                timeout = max(0.0, min(timeout, retry_at - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            if self.hub.indexes is None:
+                self._wake.clear()
+                continue  # kopf has not finished its initial listing yet
+            await asyncio.sleep(self.opts.debounce)  # let a burst of events land in the indexes
+            self._wake.clear()
+            started = time.monotonic()
+            try:
+                observed = await self.observe()
+                plan = r.plan(observed, _now())
+                log.debug(
+                    "pass %d: %d nodes, %d groups, %d caches, %d LocalModelNodes -> %d writes",
+                    self.passes + 1,
+                    len(observed.nodes),
+                    len(observed.groups),
+                    len(observed.caches),
+                    len(observed.model_nodes),
+                    len(plan),
+                )
+                outcome = await self.writer.apply(plan)
+            except Exception:
+                log.exception("reconcile pass failed; retrying")
+                retry_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, 30.0)
+                continue
+            self.passes += 1
+            self.converged = len(plan) == 0
+            if len(plan) or outcome.failed:
+                log.info(
+                    "pass %d: %d writes, %d skipped (just written), %d failed in %.2fs",
+                    self.passes,
+                    outcome.writes,
+                    outcome.skipped,
+                    len(outcome.failed),
+                    time.monotonic() - started,
+                )
+            if outcome.failed:
+                retry_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, 30.0)
+            elif outcome.skipped:
+                retry_at = time.monotonic() + self.writer.recent.window  # recheck once the echo is due
+                backoff = 0.5
+            else:
+                retry_at = None
+                backoff = 0.5
+
+
+def _login_handler(registry: kopf.OperatorRegistry) -> None:
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def _configure(settings: kopf.OperatorSettings) -> None:
+    settings.posting.enabled = False  # our events are our own; kopf would post its log lines
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
+
+
+async def _health_server(host: str, port: int, controller: Controller, elector: LeaderElector | None) -> None:
+    from aiohttp import web
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(_: web.Request) -> web.Response:
+        role = "leader" if elector is None or elector.is_leader else "standby"
+        return web.Response(text=f"ok {role} passes={controller.passes} converged={controller.converged}")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def run(opts: Options) -> None:
+    """Run until SIGTERM/SIGINT (exit 0) or until leadership is lost (LostLeadershipError)."""
+    try:
+        if opts.kubeconfig is not None:
+            os.environ["KUBECONFIG"] = str(opts.kubeconfig)  # kopf's login reads it too
+            kube_config = KubeConfig.from_file(opts.kubeconfig)
+        else:
+            kube_config = KubeConfig.from_env()
+    except ConfigError as exc:
+        raise UsageError(f"no usable cluster configuration: {exc}") from exc
+    client = AsyncClient(kube_config, field_manager=FIELD_MANAGER, trust_env=False)
+    controller = Controller(client, opts)
+    elector = None
+    if opts.leader_elect:
+        elector = LeaderElector(
+            client,
+            opts.namespace,
+            opts.identity,
+            lease_duration=opts.lease_duration,
+            renew_deadline=opts.lease_duration * 2 / 3,
+            retry_period=max(opts.lease_duration / 7.5, 0.5),
+        )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    background: list[asyncio.Task[Any]] = []
+    if opts.health_port:
+        background.append(
+            asyncio.create_task(_health_server(opts.health_host, opts.health_port, controller, elector))
+        )
+    try:
+        if elector is not None:
+            acquiring = asyncio.create_task(elector.acquire())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                acquiring.cancel()
+                return
+            stopping.cancel()
+        log.info("controller %s active in namespace %s", opts.identity, opts.namespace)
+
+        registry = build_registry(controller.hub)
+        _login_handler(registry)
+
+        @kopf.on.startup(registry=registry)
+        def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+            _configure(settings)
+
+        # kopf takes over SIGTERM/SIGINT once it runs: its task ending normally means "stop".
+        kopf_stop: asyncio.Future[None] = loop.create_future()
+        kopf_task = asyncio.create_task(
+            kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=kopf_stop),
+            name="kopf",
+        )
+        tasks = {
+            kopf_task,
+            asyncio.create_task(controller.watch_config(), name="config"),
+            asyncio.create_task(controller.reconcile_forever(), name="reconcile"),
+            asyncio.create_task(stop.wait(), name="stop"),
+        }
+        if elector is not None:
+            tasks.add(asyncio.create_task(elector.keep(), name="leader"))
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if not kopf_stop.done():
+            kopf_stop.set_result(None)
+        for task in tasks - {kopf_task}:
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=15)
+        names = {task.get_name() for task in done}
+        if "leader" in names:
+            raise LostLeadershipError("lost leadership of the controller lease; exiting")
+        for task in done:
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None and task.get_name() != "stop":
+                raise RuntimeError(f"{task.get_name()} stopped: {failure}")
+    finally:
+        if elector is not None:
+            await elector.release()
+        for task in background:
+            task.cancel()
+        await client.close()

@@ -6,7 +6,6 @@ Commands only; the work is in `modelcache.dev`. Progress goes to stderr so that 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 from collections.abc import Callable
@@ -29,7 +28,6 @@ app = typer.Typer(
 )
 
 #: Components `up` would start next to the apiserver once they exist (package name, description).
-COMPONENTS = (("controller", "controller"), ("webhook", "admission webhook"), ("agent", "node agents"))
 
 HomeOption = Annotated[
     Path | None,
@@ -84,12 +82,7 @@ def up(
     if timeout <= 0:
         _err("error: --timeout must be positive")
         raise typer.Exit(EXIT_USAGE)
-    info = dev.up(home, nodes, timeout=timeout, progress=_err)
-    for package, what in COMPONENTS:
-        if importlib.util.find_spec(f"modelcache.{package}") is None:
-            _err(f"{what}: skipped (not built yet)")
-        else:
-            _err(f"{what}: skipped (`dev up` does not start it yet)")
+    info = dev.up(home, nodes, timeout=timeout, progress=_err, with_components=True)
     _err(f"logs: {info.logs}")
     typer.echo(f"export KUBECONFIG={shlex.quote(str(info.kubeconfig))}")
 

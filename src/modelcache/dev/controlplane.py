@@ -45,6 +45,7 @@ from lightkube import ApiError, Client, KubeConfig
 from modelcache.errors import ModelcacheError, NotFoundError, UsageError
 
 from . import bootstrap as boot
+from . import components
 from .pki import CertKey, Pki
 from .processes import ProcessRecord, free_port, is_alive, log_tail, spawn, stop
 
@@ -337,8 +338,31 @@ def _read_state(layout: Layout) -> dict[str, Any] | None:
 
 
 def _recorded_processes(data: Mapping[str, Any]) -> list[ProcessRecord]:
-    """Every process a (possibly half-written) state records, apiserver first."""
-    return [ProcessRecord.from_json(data[k]) for k in ("apiserver", "etcd") if isinstance(data.get(k), dict)]
+    """Every process a (possibly half-written) state records: our components, then apiserver, etcd."""
+    servers = [
+        ProcessRecord.from_json(data[k]) for k in ("apiserver", "etcd") if isinstance(data.get(k), dict)
+    ]
+    return [*components.records_from_state(data), *servers]
+
+
+def _start_components(
+    layout: Layout, info: ControlPlaneInfo, before: Mapping[str, Any], say: Progress
+) -> None:
+    """Start (or keep) the controller, webhook and one agent per node; record them for `down`."""
+    running = {r.name: r for r in components.records_from_state(before)}
+    with info.client() as client:
+        records = components.start(
+            client,
+            info.kubeconfig,
+            info.nodes,
+            lambda node: layout.dir / "nodes" / node,
+            layout.logs,
+            running,
+            say,
+        )
+    state = info.to_json()
+    state["components"] = [r.to_json() for r in records]
+    _write_state(layout, state)
 
 
 @contextlib.contextmanager
@@ -584,8 +608,12 @@ def up(
     manifest_dirs: Sequence[Path] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     progress: Progress | None = None,
+    with_components: bool = False,
 ) -> ControlPlaneInfo:
     """Start (or reuse) the control plane under `home` and return once it is ready and seeded.
+
+    With `with_components`, also run our controller, webhook and one agent per node as local
+    processes (what `modelcache dev up` does; tests start their own under RBAC instead).
 
     Ready means: /readyz ok, CRDs Established, `kserve/inferenceservice-config` present, nodes
     `dev-node-1..nodes` Ready. If one is already running under `home` it is reused (missing nodes
@@ -604,7 +632,9 @@ def up(
             if current.phase == "running" and current.info is not None:
                 say(f"already running at {current.info.server}; reconciling CRDs and nodes")
                 info = _bootstrap(current.info, nodes, dirs, timeout)
-                _write_state(layout, info.to_json())
+                _write_state(layout, {**existing, **info.to_json()})
+                if with_components:
+                    _start_components(layout, info, existing, say)
                 return info
             say(f"cleaning up a stale control plane ({current.detail})")
             _stop_all(_recorded_processes(existing))
@@ -633,8 +663,10 @@ def up(
             say(f"{len(info.crds)} CRDs established, {len(info.nodes)} nodes Ready")
             info = dataclasses.replace(info, started_at=_now())
             _write_state(layout, info.to_json())
+            if with_components:
+                _start_components(layout, info, {}, say)
         except BaseException:
-            _stop_all([info.apiserver, info.etcd])
+            _stop_all([*_recorded_processes(_read_state(layout) or {}), info.apiserver, info.etcd])
             _clean_runtime(layout)
             raise
         return info

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
-from lightkube import Client, KubeConfig, codecs
+from lightkube import ApiError, Client, KubeConfig, codecs
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
-from lightkube.resources.core_v1 import ConfigMap, Node, Pod
+from lightkube.resources.core_v1 import ConfigMap, Node, PersistentVolumeClaim, Pod
 
 from modelcache.kube.constants import LOCALMODEL_LABEL, ready_label
 from modelcache.uri import storage_key
@@ -76,7 +76,7 @@ def playground(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         assert not leftover_processes(home)
 
 
-def test_seed_000_flow_on_the_playground(playground: tuple[Path, Client], tmp_path: Path) -> None:
+def test_1_seed_000_flow_on_the_playground(playground: tuple[Path, Client], tmp_path: Path) -> None:
     home, kube = playground
     data = write_random(tmp_path / "origin" / "tiny-llm.bin", 6 * MiB)
     with Origin(tmp_path / "origin") as origin:
@@ -186,3 +186,39 @@ spec:
     assert any(e.key == ready_label(key) for t in terms for e in (t.matchExpressions or []))
     kube.delete(Pod, "tiny-predictor", namespace="default")
     kube.delete(ISVC, "tiny", namespace="default")
+
+
+def test_2_plain_pod_annotated_gets_the_cached_copy(playground: tuple[Path, Client]) -> None:
+    """vLLM without KServe: a pod annotated modelcache.io/model gets the PVC (from the controller)
+    and the read-only mount + affinity (from the webhook)."""
+    _, kube = playground
+    kube.create(codecs.from_dict({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}}))
+    key = storage_key(str(kube.get(LMC, "tiny-llm").spec["sourceModelUri"]))
+    pod = kube.create(
+        codecs.from_dict(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": "vllm-0",
+                    "namespace": "team-a",
+                    "annotations": {"modelcache.io/model": "tiny-llm", "modelcache.io/mount-path": "/models"},
+                },
+                "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai"}]},
+            }
+        )
+    )
+    volume = next(v for v in pod.spec.volumes or [] if v.persistentVolumeClaim)
+    mount = next(m for m in pod.spec.containers[0].volumeMounts or [] if m.name == volume.name)
+    assert mount.mountPath == "/models" and mount.readOnly and mount.subPath == f"models/{key}"
+    claim = volume.persistentVolumeClaim.claimName
+    wait_for(f"PVC {claim} in team-a", lambda: _exists(kube, PersistentVolumeClaim, claim, "team-a"))
+    kube.delete(Pod, "vllm-0", namespace="team-a")
+
+
+def _exists(kube: Client, kind: Any, name: str, namespace: str) -> bool:
+    try:
+        kube.get(kind, name, namespace=namespace)
+    except ApiError:
+        return False
+    return True

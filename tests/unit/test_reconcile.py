@@ -388,6 +388,41 @@ def test_isvc_listed_and_serving_volumes_per_namespace() -> None:
     }
 
 
+def test_annotated_plain_pod_gets_serving_volumes_but_is_not_listed() -> None:
+    pod = r.pod_service_from(
+        {
+            "kind": "Pod",
+            "metadata": {
+                "name": "vllm-0",
+                "namespace": "team-a",
+                "annotations": {"modelcache.io/model": "llama"},
+            },
+        }
+    )
+    assert pod is not None and pod.kind == "Pod"
+    done = {
+        "kind": "Pod",
+        "metadata": {"name": "job", "namespace": "x", "annotations": {"modelcache.io/model": "llama"}},
+        "status": {"phase": "Succeeded"},
+    }
+    assert r.pod_service_from(done) is None
+    assert r.pod_service_from({"kind": "Pod", "metadata": {"name": "p", "namespace": "x"}}) is None
+    plan = r.plan(
+        observed(nodes=[node("n1", gpu="a100")], groups=[group()], caches=[cache()], services=[pod]), NOW
+    )
+    status = plan.cache_status[0][1]
+    assert not status.get("inferenceServices")
+    serving = {
+        (b["kind"], b["metadata"].get("namespace", ""), b["metadata"]["name"])
+        for _, b in plan.volume_creates
+        if b["metadata"]["labels"][r.VOLUME_ROLE_LABEL] == "serving"
+    }
+    assert serving == {
+        ("PersistentVolume", "", "llama-workers-team-a"),
+        ("PersistentVolumeClaim", "team-a", "llama-workers"),
+    }
+
+
 def test_serving_volumes_removed_when_isvc_goes_unless_disabled() -> None:
     c = cache()
     ours = [

@@ -7,6 +7,7 @@ indexes, level-based.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import kopf
 
 from modelcache.api.types import GROUP, VERSION
+from modelcache.kube.constants import MODEL_ANNOTATION
 
 from . import reconcile as r
 
@@ -27,6 +29,7 @@ NAMESPACE_CACHES = (GROUP, VERSION, "localmodelnamespacecaches")
 MODEL_NODES = (GROUP, VERSION, "localmodelnodes")
 ISVCS = (GROUP, "v1beta1", "inferenceservices")
 LLMISVCS = (GROUP, "v1alpha2", "llminferenceservices")
+PODS = ("v1", "pods")
 
 #: Index names (kopf passes them to handlers as keyword arguments under these names).
 INDEXES = (
@@ -37,6 +40,7 @@ INDEXES = (
     "model_nodes_idx",
     "services_idx",
     "llm_services_idx",
+    "pods_idx",
 )
 
 
@@ -97,15 +101,31 @@ def build_registry(hub: Hub) -> kopf.OperatorRegistry:
     async def llm_services_idx(body: kopf.Body, **_: Any) -> r.Service | dict[str, Any]:
         return r.service_from(body) or {}
 
+    # Only pods that ask for a cache by annotation (plain Deployments, vLLM without KServe).
+    @kopf.index(*PODS, registry=registry, id="pods_idx", annotations={MODEL_ANNOTATION: kopf.PRESENT})
+    async def pods_idx(body: kopf.Body, **_: Any) -> r.Service | dict[str, Any]:
+        return r.pod_service_from(body) or {}
+
     async def poke(**kwargs: Any) -> None:
         hub.capture(kwargs)
         hub.poke()
 
     for selector in (NODES, GROUPS, CACHES, NAMESPACE_CACHES, MODEL_NODES, ISVCS, LLMISVCS):
         kopf.on.event(*selector, registry=registry, id=f"poke-{selector[-1]}")(poke)
+    kopf.on.event(*PODS, registry=registry, id="poke-pods", annotations={MODEL_ANNOTATION: kopf.PRESENT})(
+        poke
+    )
     return registry
 
 
 def services(snapshot: Mapping[str, list[Any]]) -> list[r.Service]:
     found = snapshot.get("services_idx", []) + snapshot.get("llm_services_idx", [])
-    return [s for s in found if isinstance(s, r.Service)]
+    out = [s for s in found if isinstance(s, r.Service)]
+    # A pod's annotation names a namespace cache of its namespace if there is one, else a cluster
+    # cache: the webhook resolves it the same way.
+    ns_caches = {(c.namespace, c.name) for c in snapshot.get("ns_caches_idx", []) if isinstance(c, r.Cache)}
+    for pod in snapshot.get("pods_idx", []):
+        if isinstance(pod, r.Service):
+            ns = pod.namespace if (pod.namespace, pod.cache) in ns_caches else ""
+            out.append(dataclasses.replace(pod, cache_namespace=ns))
+    return out

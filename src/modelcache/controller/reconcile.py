@@ -32,6 +32,7 @@ from modelcache.kube.constants import (
     LOCALMODEL_NAMESPACE_LABEL,
     MANAGED_BY,
     MANAGED_BY_LABEL,
+    MODEL_ANNOTATION,
     NAMESPACE_CACHE_FINALIZER,
     NODEGROUP_ANNOTATION,
     READY_NODE_LABEL_PREFIX,
@@ -194,7 +195,9 @@ class ModelNode:
 
 @dataclass(frozen=True, slots=True)
 class Service:
-    """An InferenceService or LLMInferenceService carrying the localmodel label."""
+    """A workload using a cache: an InferenceService or LLMInferenceService carrying the localmodel
+    label, or a plain Pod annotated `modelcache.io/model` (kind "Pod"; it needs the serving PVC in
+    its namespace like an ISVC, but is not listed in the cache's status)."""
 
     kind: str
     namespace: str
@@ -430,6 +433,23 @@ def service_from(obj: Mapping[str, Any]) -> Service | None:
         cache=_intern(cache),
         cache_namespace=_intern(labels.get(LOCALMODEL_NAMESPACE_LABEL)),
         node_group=_intern((meta.get("annotations") or {}).get(NODEGROUP_ANNOTATION)),
+    )
+
+
+def pod_service_from(obj: Mapping[str, Any]) -> Service | None:
+    """A plain pod that asked for a cache by annotation; None when it did not or has finished."""
+    meta = _meta(obj)
+    annotations = meta.get("annotations") or {}
+    cache = annotations.get(MODEL_ANNOTATION)
+    phase = (obj.get("status") or {}).get("phase")
+    if not cache or meta.get("deletionTimestamp") or phase in ("Succeeded", "Failed"):
+        return None
+    return Service(
+        kind="Pod",
+        namespace=_intern(meta.get("namespace")),
+        name=str(meta.get("name", "")),
+        cache=_intern(cache),
+        node_group=_intern(annotations.get(NODEGROUP_ANNOTATION)),
     )
 
 

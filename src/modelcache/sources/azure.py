@@ -51,7 +51,8 @@ import aiohttp
 from yarl import URL
 
 from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError, UsageError
-from modelcache.sources.base import RemoteFile, Snapshot, Source, SourceOptions, archive_kind, select
+from modelcache.sources.aio import AiohttpSource
+from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, archive_kind, select
 from modelcache.sources.gcs import b64_to_hex, listing_revision
 from modelcache.sources.http import _describe, status_error
 from modelcache.uri import ModelURI, redact
@@ -160,9 +161,7 @@ class _ServicePrincipal:
         self._expires = time.monotonic() + lifetime
 
 
-class AzureBlobSource(Source):
-    _session: aiohttp.ClientSession | None = None
-
+class AzureBlobSource(AiohttpSource):
     def __init__(self, uri: ModelURI, options: SourceOptions) -> None:
         super().__init__(uri, options)
         env = self.options.env
@@ -243,18 +242,6 @@ class AzureBlobSource(Source):
             raise AuthError(f"{name} is not a base64 account key") from exc
 
     # -- requests ------------------------------------------------------------------------------
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, connect=self.options.connect_timeout, sock_read=self.options.read_timeout
-            )
-            self._session = aiohttp.ClientSession(
-                timeout=timeout,
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                auto_decompress=False,
-                raise_for_status=False,
-            )
-        return self._session
 
     def _shared_key(
         self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str]
@@ -411,11 +398,6 @@ class AzureBlobSource(Source):
                     yield block
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{what}: {_describe(exc)}") from exc
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 SOURCE = AzureBlobSource

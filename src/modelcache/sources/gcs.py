@@ -44,7 +44,8 @@ import aiohttp
 from yarl import URL
 
 from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError, UsageError
-from modelcache.sources.base import RemoteFile, Snapshot, Source, SourceOptions, archive_kind, select
+from modelcache.sources.aio import AiohttpSource
+from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, archive_kind, select
 from modelcache.sources.http import _describe, status_error
 from modelcache.uri import ModelURI
 
@@ -211,11 +212,10 @@ class _MetadataServer(_TokenSource):
         )
 
 
-class GcsSource(Source):
+class GcsSource(AiohttpSource):
     #: A single object's generation (older ones need object versioning); for a prefix, the revision
     #: a previous pull reported, refused when the objects have changed since.
     supports_revision = True
-    _session: aiohttp.ClientSession | None = None
     _creds: _TokenSource | None = None
 
     def __init__(self, uri: ModelURI, options: SourceOptions) -> None:
@@ -248,19 +248,6 @@ class GcsSource(Source):
     @property
     def shown(self) -> str:
         return self.uri.uri
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, connect=self.options.connect_timeout, sock_read=self.options.read_timeout
-            )
-            self._session = aiohttp.ClientSession(
-                timeout=timeout,
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                auto_decompress=False,  # gzip-encoded objects are stored bytes; `size` counts those
-                raise_for_status=False,
-            )
-        return self._session
 
     def _credentials(self) -> _TokenSource | None:
         if self._creds is None:
@@ -425,11 +412,6 @@ class GcsSource(Source):
                     yield block
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{what}: {_describe(exc)}") from exc
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 SOURCE = GcsSource

@@ -35,7 +35,8 @@ from modelcache.errors import (
     TransientSourceError,
     UsageError,
 )
-from modelcache.sources.base import RemoteFile, Snapshot, Source, SourceOptions, select
+from modelcache.sources.aio import AiohttpSource
+from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, select
 from modelcache.sources.http import READ_BLOCK, _describe, status_error
 from modelcache.uri import ModelURI, redact
 
@@ -99,9 +100,8 @@ def _safe_path(path: Any) -> str:
     return path
 
 
-class HfSource(Source):
+class HfSource(AiohttpSource):
     supports_revision = True  # a branch, tag or commit sha; overrides the URI's `:revision`
-    _session: aiohttp.ClientSession | None = None
 
     def __init__(self, uri: ModelURI, options: SourceOptions) -> None:
         super().__init__(uri, options)
@@ -112,19 +112,8 @@ class HfSource(Source):
         self.commit: str | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, connect=self.options.connect_timeout, sock_read=self.options.read_timeout
-            )
-            self._session = aiohttp.ClientSession(
-                timeout=timeout,
-                headers={"User-Agent": f"modelcache/{__version__}"},
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                auto_decompress=False,
-                raise_for_status=False,
-            )
-        return self._session
+    def session_kwargs(self) -> dict[str, Any]:
+        return {"headers": {"User-Agent": f"modelcache/{__version__}"}}
 
     def _headers(self, url: str) -> dict[str, str]:
         """The token goes to the endpoint's own origin only (not to pagination links elsewhere)."""
@@ -260,11 +249,6 @@ class HfSource(Source):
             raise TransientSourceError(f"{self.repo_id}: {what}: {_describe(exc)}") from exc
         except ValueError as exc:  # e.g. a redirect to a URL aiohttp refuses
             raise SourceError(f"{self.repo_id}: {what}: {type(exc).__name__}") from exc
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 SOURCE = HfSource

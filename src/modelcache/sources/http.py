@@ -21,7 +21,8 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 
 from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError, UsageError
-from modelcache.sources.base import RemoteFile, Snapshot, Source, archive_kind
+from modelcache.sources.aio import AiohttpSource
+from modelcache.sources.base import RemoteFile, Snapshot, archive_kind
 from modelcache.uri import redact
 
 READ_BLOCK = 1 << 20
@@ -55,9 +56,7 @@ def status_error(status: int, what: str) -> Exception:
     return SourceError(f"{what}: unexpected HTTP {status}")
 
 
-class HttpSource(Source):
-    _session: aiohttp.ClientSession | None = None
-
+class HttpSource(AiohttpSource):
     @property
     def url(self) -> str:
         return self.uri.uri
@@ -84,24 +83,12 @@ class HttpSource(Source):
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            parts = urlsplit(self.url)
-            auth = None
-            if parts.username is not None:
-                auth = aiohttp.BasicAuth(unquote(parts.username), unquote(parts.password or ""))
-            timeout = aiohttp.ClientTimeout(
-                total=None, connect=self.options.connect_timeout, sock_read=self.options.read_timeout
-            )
-            self._session = aiohttp.ClientSession(
-                timeout=timeout,
-                auth=auth,
-                headers=self._headers(),
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                auto_decompress=False,
-                raise_for_status=False,
-            )
-        return self._session
+    def session_kwargs(self) -> dict[str, Any]:
+        parts = urlsplit(self.url)
+        auth = None
+        if parts.username is not None:
+            auth = aiohttp.BasicAuth(unquote(parts.username), unquote(parts.password or ""))
+        return {"auth": auth, "headers": self._headers()}
 
     def _request_url(self) -> str:
         parts = urlsplit(self.url)
@@ -172,11 +159,6 @@ class HttpSource(Source):
                     yield block
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{self.shown}: {_describe(exc)}") from exc
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 def _describe(exc: BaseException) -> str:

@@ -56,7 +56,8 @@ from modelcache.errors import (
     TransientSourceError,
     UsageError,
 )
-from modelcache.sources.base import RemoteFile, Snapshot, Source, SourceOptions, select
+from modelcache.sources.aio import AiohttpSource
+from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, select
 from modelcache.sources.http import _describe, status_error
 from modelcache.store.manifest import FileEntry
 from modelcache.uri import ModelURI
@@ -219,10 +220,9 @@ def host_arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
 
 
-class OciSource(Source):
+class OciSource(AiohttpSource):
     def __init__(self, uri: ModelURI, options: SourceOptions) -> None:
         super().__init__(uri, options)
-        self._session: aiohttp.ClientSession | None = None
         self._ref: Reference | None = None
         self._creds: tuple[str, str] | None = None
         self._creds_from = ""
@@ -241,19 +241,6 @@ class OciSource(Source):
     @property
     def shown(self) -> str:
         return self.ref.shown
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, connect=self.options.connect_timeout, sock_read=self.options.read_timeout
-            )
-            self._session = aiohttp.ClientSession(
-                timeout=timeout,
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                auto_decompress=False,
-                raise_for_status=False,
-            )
-        return self._session
 
     def _auth_header(self) -> dict[str, str]:
         if self._token:
@@ -523,11 +510,6 @@ class OciSource(Source):
             raise TransientSourceError(f"{what}: {_describe(exc)}") from exc
         finally:
             resp.release()
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     # -- after download ---------------------------------------------------------------------
     def finalize(self, snapshot: Snapshot, download_dir: Path, files_dir: Path) -> list[FileEntry]:

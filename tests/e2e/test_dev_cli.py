@@ -44,7 +44,7 @@ def test_cli_up_status_down_leaves_nothing(tmp_path: Path) -> None:
         started = dev_cli("up", "--nodes", "1", home=home)
         assert started.returncode == 0, started.stderr
         assert started.stdout == f"export KUBECONFIG={home / 'dev' / 'kubeconfig'}\n"
-        assert "controller: skipped" in started.stderr
+        assert "controller ready" in started.stderr and "agent-dev-node-1 ready" in started.stderr
         assert (home / "dev" / "kubeconfig").is_file()
         assert leftover_processes(home), "up returned but nothing runs"
 

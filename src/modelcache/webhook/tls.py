@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import ipaddress
 import logging
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -21,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+
+from modelcache import certs
+from modelcache.certs import BACKDATE
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient
@@ -34,7 +34,6 @@ CA_LIFETIME = dt.timedelta(days=5 * 365)
 CA_RENEW_BEFORE = dt.timedelta(days=365)
 CERT_LIFETIME = dt.timedelta(days=90)
 CERT_RENEW_BEFORE = dt.timedelta(days=30)
-BACKDATE = dt.timedelta(minutes=5)  # tolerate clock skew between us and the apiserver
 
 KEY_CA_BUNDLE = "ca.crt"
 KEY_CA_KEY = "ca.key"
@@ -83,80 +82,20 @@ class Action(StrEnum):
     RENEW_CERT = "renew-cert"  # serving certificate near expiry / wrong names: reissue from the CA
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _sans(hosts: list[str]) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return names
-
-
 def new_ca(now: dt.datetime) -> tuple[bytes, bytes]:
-    """(certificate PEM, key PEM) of a fresh CA."""
-    key = _new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"modelcache-webhook-ca-{now:%Y%m%d%H%M%S}")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + CA_LIFETIME)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+    """(certificate PEM, key PEM) of a fresh CA that may only sign leaves."""
+    ca = certs.make_ca(
+        f"modelcache-webhook-ca-{now:%Y%m%d%H%M%S}", now=now, validity=CA_LIFETIME, path_length=0
     )
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    return ca.cert_pem, ca.key_pem
 
 
 def issue_cert(ca_pem: bytes, ca_key_pem: bytes, hosts: list[str], now: dt.datetime) -> tuple[bytes, bytes]:
     """A serving certificate for `hosts` (DNS names or IPs), never outliving its CA."""
-    ca = x509.load_pem_x509_certificate(ca_pem)
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = _new_key()
-    not_after = min(now + CERT_LIFETIME, ca.not_valid_after_utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(_sans(hosts)), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    leaf = certs.issue(
+        certs.CertKey(ca_pem, ca_key_pem), hosts[0], hosts=hosts, server=True, now=now, validity=CERT_LIFETIME
     )
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    return leaf.cert_pem, leaf.key_pem
 
 
 def _covers(cert: x509.Certificate, hosts: list[str]) -> bool:

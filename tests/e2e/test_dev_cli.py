@@ -61,7 +61,7 @@ def test_cli_up_status_down_leaves_nothing(tmp_path: Path) -> None:
 
         stopped = dev_cli("down", home=home)
         assert stopped.returncode == 0, stopped.stderr
-        assert "stopped kube-apiserver, etcd" in stopped.stderr
+        assert "stopped controller, webhook, agent-dev-node-1, kube-apiserver, etcd" in stopped.stderr
         assert leftover_processes(home) == []
         assert not (home / "dev" / "state.json").exists()
         assert (home / "dev" / "logs" / "kube-apiserver.log").is_file(), "logs are kept after down"

@@ -16,10 +16,12 @@ import argparse
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -38,11 +40,15 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-VENV_BIN = Path(sys.executable).parent
+# the project's venv (modelcache CLI, and the interpreter for the in-process lookup)
+VENV_BIN = (
+    REPO_DIR / ".venv" / "bin" if (REPO_DIR / ".venv" / "bin").is_dir() else Path(sys.executable).parent
+)
 MIB = 1024 * 1024
 GEN_BLOCK = 4 * MIB
 TOOLS = ("modelcache", "aria2c", "curl")
-SCENARIOS = ("largest", "set")
+SCENARIOS = ("largest", "set", "archive")
+DEFAULT_SCENARIOS = ("largest", "set", "archive")
 LOOKUP_FILES = 100
 LOOKUP_ARCHIVE = "model100.tar"
 TARGET_RATIO = 0.9
@@ -50,7 +56,9 @@ TARGET_LOOKUP_MS = 50.0
 TARGET_PATH_MS = 250.0
 TARGET_RSS_MB = 256.0
 POLL_S = 0.005
-RSS_SAMPLE_S = 0.05
+RSS_SAMPLE_S = 0.2
+SETTLE_S = 1.0
+QUIET_CORES = 0.25
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,6 +108,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def system_busy_s() -> float:
+    """Process-context CPU seconds of the whole machine (user+nice+system+steal, all cores).
+
+    irq/softirq are left out: loopback TCP is processed there and belongs to no process, so it
+    would show up as "other" work when it is the transfer itself.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        user, nice, system, _idle, _iowait, _irq, _softirq, steal = (
+            int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+        )
+        return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def wait_quiet(max_wait: float, threshold: float = QUIET_CORES) -> float:
+    """Wait (bounded) until the machine is nearly idle; returns the busy cores last measured.
+
+    Other work on a 2-core box (test suites, builds) moves a CPU-bound client's numbers more than
+    anything we measure, so each run starts in a quiet second when there is one. The first
+    sample also lets the deletes and writeback of the previous run settle.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, p0 = system_busy_s(), time.process_time()
+        time.sleep(SETTLE_S)
+        busy = max(0.0, (system_busy_s() - b0) - (time.process_time() - p0)) / SETTLE_S
+        if busy <= threshold or time.monotonic() >= deadline:
+            if busy > threshold:
+                log(f"machine still busy ({busy:.2f} cores) after {max_wait:.0f}s; running anyway")
+            return busy
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -127,6 +167,7 @@ class Model:
     model_dir: str
     files: list[ModelFile]
     lookup_archive: ModelFile
+    archive: ModelFile | None = None  # the whole model as one tar (the "archive" scenario)
 
     @property
     def total_bytes(self) -> int:
@@ -137,7 +178,11 @@ class Model:
         return max(self.files, key=lambda f: f.size)
 
     def path_of(self, f: ModelFile) -> str:
-        return f"/{self.model_dir}/{f.name}"
+        """URL path: model files live under /<model_dir>/, the archives at the root."""
+        return f"/{self.model_dir}/{f.name}" if f in self.files else f"/{f.name}"
+
+    def served(self) -> list[ModelFile]:
+        return [*self.files, self.lookup_archive, *([self.archive] if self.archive else [])]
 
 
 def _json_files(n_large: int, large_size: int) -> dict[str, bytes]:
@@ -198,39 +243,29 @@ def _write_lookup_archive(path: Path) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = int(time.time())
-            tar.addfile(info, fileobj=_BytesReader(data))
+            tar.addfile(info, fileobj=io.BytesIO(data))
     tmp.replace(path)
-
-
-class _BytesReader:
-    """Minimal file object for tarfile.addfile without importing io for one use."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        out = self._data[self._pos : end]
-        self._pos += len(out)
-        return out
 
 
 def ensure_model(work: Path, total: int, n_large: int) -> Model:
     """Generate the model once; reuse it when the manifest matches the requested shape."""
     www = work / "www"
-    model_dir = f"model-{fmt_bytes(total).replace(' ', '').replace('.', '_')}"
+    model_dir = f"model-{fmt_bytes(total).replace(' ', '').replace('.', '_')}-x{n_large}"
     root = www / model_dir
     manifest_path = work / f"{model_dir}.manifest.json"
     archive = www / LOOKUP_ARCHIVE
+    if not archive.exists():
+        _write_lookup_archive(archive)
+    # shared by every model size, so hashed on every start (it is half a megabyte)
+    lookup = ModelFile(LOOKUP_ARCHIVE, archive.stat().st_size, sha256_file(archive))
     json_blobs = _json_files(n_large, 0)
     json_total = sum(len(b) for b in json_blobs.values())
     large_size = max(MIB, (total - json_total) // n_large)
-    if manifest_path.exists() and archive.exists():
-        data = json.loads(manifest_path.read_text())
-        files = [ModelFile(**f) for f in data["files"]]
-        if all((root / f.name).is_file() and (root / f.name).stat().st_size == f.size for f in files):
-            log(f"reusing generated model {root} ({fmt_bytes(sum(f.size for f in files))})")
-            return Model(www, model_dir, files, ModelFile(**data["lookup_archive"]))
+    if manifest_path.exists():
+        known = [ModelFile(**f) for f in json.loads(manifest_path.read_text())["files"]]
+        if all((root / f.name).is_file() and (root / f.name).stat().st_size == f.size for f in known):
+            log(f"reusing generated model {root} ({fmt_bytes(sum(f.size for f in known))})")
+            return Model(www, model_dir, known, lookup)
     log(f"generating model in {root}: {n_large} x {fmt_bytes(large_size)} + {len(json_blobs)} json files")
     t0 = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
@@ -241,13 +276,28 @@ def ensure_model(work: Path, total: int, n_large: int) -> Model:
     for name, blob in _json_files(n_large, large_size).items():
         (root / name).write_bytes(blob)
         files.append(ModelFile(name, len(blob), hashlib.sha256(blob).hexdigest()))
-    _write_lookup_archive(archive)
-    lookup = ModelFile(LOOKUP_ARCHIVE, archive.stat().st_size, sha256_file(archive))
-    manifest_path.write_text(
-        json.dumps({"files": [asdict(f) for f in files], "lookup_archive": asdict(lookup)})
-    )
+    manifest_path.write_text(json.dumps({"files": [asdict(f) for f in files]}))
     log(f"generated {fmt_bytes(sum(f.size for f in files))} in {time.perf_counter() - t0:.1f}s")
     return Model(www, model_dir, files, lookup)
+
+
+def ensure_archive(work: Path, model: Model) -> None:
+    """The whole model as one uncompressed tar next to its directory (made once, hashed once)."""
+    path = model.www / f"{model.model_dir}.tar"
+    meta = work / f"{model.model_dir}.tar.json"
+    if path.exists() and meta.exists():
+        f = ModelFile(**json.loads(meta.read_text()))
+        if f.size == path.stat().st_size:
+            model.archive = f
+            return
+    log(f"writing {path.name} (the model as one tar)")
+    tmp = path.with_suffix(".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for f in model.files:
+            tar.add(model.www / model.model_dir / f.name, arcname=f.name, recursive=False)
+    tmp.replace(path)
+    model.archive = ModelFile(path.name, path.stat().st_size, sha256_file(path))
+    meta.write_text(json.dumps(asdict(model.archive)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,9 +392,9 @@ class Nginx:
         if not self.digests:
             return ""
         out = []
-        for f in [*self.model.files, self.model.lookup_archive]:
+        for f in self.model.served():
             b64 = base64.b64encode(bytes.fromhex(f.sha256)).decode()
-            loc = self.model.path_of(f) if f in self.model.files else f"/{f.name}"
+            loc = self.model.path_of(f)
             out.append(f'        location = {loc} {{ add_header Repr-Digest "sha-256=:{b64}:"; }}\n')
         return "".join(out)
 
@@ -357,6 +407,21 @@ class Nginx:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+    def cpu_s(self) -> float:
+        """user+sys of the nginx master and workers so far (the server's share of the 2 cores)."""
+        import psutil
+
+        if self.proc is None:
+            return 0.0
+        total = 0.0
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(self.proc.pid)
+            for q in [p, *p.children()]:
+                with contextlib.suppress(psutil.Error):
+                    t = q.cpu_times()
+                    total += t.user + t.system
+        return total
 
     def log_offset(self) -> int:
         return self.access_log.stat().st_size if self.access_log.exists() else 0
@@ -386,7 +451,10 @@ class ProcResult:
     stdouts: list[str]
 
 
-def _tree_rss(pids: Sequence[int]) -> int:
+def _tree_rss(pids: Sequence[int], hwm_kb: dict[int, int], cpu: dict[int, float]) -> int:
+    """Sum of current RSS over the trees of `pids`; also records each process's VmHWM and CPU time
+    (the fallback figures when GNU time is missing: VmHWM is a high-water mark, so sampling it late
+    still catches the peak, except for the last interval before exit)."""
     import psutil  # lazy: only the pull phase needs it
 
     total = 0
@@ -397,12 +465,23 @@ def _tree_rss(pids: Sequence[int]) -> int:
         except psutil.Error:
             continue
         for q in procs:
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, OSError, ValueError, IndexError):
                 total += q.memory_info().rss
+                t = q.cpu_times()
+                cpu[q.pid] = t.user + t.system
+                for line in Path(f"/proc/{q.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        hwm_kb[q.pid] = max(hwm_kb.get(q.pid, 0), int(line.split()[1]))
     return total
 
 
 GNU_TIME = Path("/usr/bin/time")
+
+
+def rss_method() -> str:
+    if GNU_TIME.exists():
+        return "GNU `time -f '%M %U %S'` (each tool process's own ru_maxrss and CPU)"
+    return f"sampled /proc VmHWM and CPU every {RSS_SAMPLE_S}s (no /usr/bin/time: `apt-get install time`)"
 
 
 def _read_time_file(path: Path) -> tuple[int, float]:
@@ -429,6 +508,8 @@ def run_jobs(
     out_dir = log_path.parent
     next_sample = 0.0
     use_time = GNU_TIME.exists()
+    hwm_kb: dict[int, int] = {}
+    cpu_seen: dict[int, float] = {}
     with log_path.open("ab") as err:
         t0 = time.perf_counter()
         deadline = t0 + timeout_s
@@ -452,7 +533,7 @@ def run_jobs(
                 running.append((idx, proc, out_path, rss_path))
             now = time.perf_counter()
             if now >= next_sample:
-                peak_tree = max(peak_tree, _tree_rss([p.pid for _i, p, _o, _r in running]))
+                peak_tree = max(peak_tree, _tree_rss([p.pid for _i, p, _o, _r in running], hwm_kb, cpu_seen))
                 next_sample = now + RSS_SAMPLE_S
             for item in list(running):
                 idx, proc, out_path, rss_path = item
@@ -475,8 +556,9 @@ def run_jobs(
             if running:
                 time.sleep(POLL_S)
         wall = time.perf_counter() - t0
-    if not use_time:
-        peak_rss_kb = int(peak_tree / 1024)  # sampled fallback
+    if not use_time:  # sampled fallback (install Debian's `time` for exact figures)
+        peak_rss_kb = max(hwm_kb.values(), default=0)
+        cpu_s = sum(cpu_seen.values())
     return ProcResult(wall, rcs, peak_rss_kb * 1024 / 1e6, peak_tree / 1e6, cpu_s, outs)
 
 
@@ -491,6 +573,9 @@ class RunRecord:
     sync_s: float
     mb_s: float
     cpu_s: float
+    nginx_cpu_s: float
+    other_cpu_s: float  # busy CPU on the machine that was neither the tool, nginx nor this harness
+    background_cores: float  # busy cores just before the run (after waiting for quiet)
     peak_rss_mb: float
     peak_tree_rss_mb: float
     connections: int
@@ -511,34 +596,73 @@ class Ctx:
     def url(self, f: ModelFile) -> str:
         return self.nginx.base_url + self.model.path_of(f)
 
+    def mc_pull(self, home: Path, url: str) -> list[str]:
+        """`modelcache --home H --quiet pull URL` (connections also set via MODELCACHE_CONNECTIONS)."""
+        assert self.mc_bin is not None
+        conns = ["--connections", str(self.args.connections)]
+        return [str(self.mc_bin), "--home", str(home), "--quiet", "pull", *conns, url]
+
 
 def _targets(ctx: Ctx, scenario: str) -> list[ModelFile]:
-    return [ctx.model.largest] if scenario == "largest" else list(ctx.model.files)
+    """What is downloaded in a scenario (its bytes are what throughput is computed from)."""
+    if scenario == "largest":
+        return [ctx.model.largest]
+    if scenario == "archive":
+        assert ctx.model.archive is not None
+        return [ctx.model.archive]
+    return list(ctx.model.files)
 
 
-def _commands(ctx: Ctx, tool: str, files: list[ModelFile], out: Path) -> tuple[list[list[str]], int]:
+def _archive_commands(ctx: Ctx, tool: str, f: ModelFile, out: Path) -> list[list[str]]:
+    """Whole model as one tar: modelcache pulls and unpacks; aria2c downloads then `tar -x`;
+    curl streams into `tar -x` (what one would do by hand)."""
+    dest = out / "dl" / "x"
+    dest.mkdir(parents=True)
+    if tool == "modelcache":
+        return [ctx.mc_pull(out / "home", ctx.url(f))]
+    if tool == "aria2c":
+        aria = _aria2c_argv(ctx, out, ["-i", str(_aria2c_list(ctx, [f], out))])
+        tar = ["tar", "-xf", str(out / "dl" / f.name), "-C", str(dest)]
+        script = f"{shlex.join(aria)} && {shlex.join(tar)}"
+    else:
+        script = f"curl -sS -f {shlex.quote(ctx.url(f))} | tar -xf - -C {shlex.quote(str(dest))}"
+    return [["bash", "-o", "pipefail", "-c", script]]
+
+
+def _aria2c_list(ctx: Ctx, files: list[ModelFile], out: Path) -> Path:
+    listing = out / "aria2-input.txt"
+    listing.write_text("".join(f"{ctx.url(f)}\n" for f in files))
+    return listing
+
+
+def _aria2c_argv(ctx: Ctx, out: Path, rest: list[str]) -> list[str]:
+    a = ctx.args
+    return [
+        "aria2c",
+        f"-x{a.connections}",
+        f"-s{a.connections}",
+        "-k1M",
+        f"-j{a.jobs}",
+        "--file-allocation=none",
+        "-d",
+        str(out / "dl"),
+        "--console-log-level=warn",
+        "--summary-interval=0",
+        "--download-result=hide",
+        "--auto-file-renaming=false",
+        *rest,
+    ]
+
+
+def _commands(
+    ctx: Ctx, tool: str, scenario: str, files: list[ModelFile], out: Path
+) -> tuple[list[list[str]], int]:
     """argv list and job concurrency for one tool on one file set."""
     a = ctx.args
+    if scenario == "archive":
+        return _archive_commands(ctx, tool, files[0], out), 1
     if tool == "aria2c":
-        listing = out / "aria2-input.txt"
-        listing.write_text("".join(f"{ctx.url(f)}\n" for f in files))
-        argv = [
-            "aria2c",
-            f"-x{a.connections}",
-            f"-s{a.connections}",
-            "-k1M",
-            f"-j{a.jobs}",
-            "--file-allocation=none",
-            "-d",
-            str(out / "dl"),
-            "--console-log-level=warn",
-            "--summary-interval=0",
-            "--download-result=hide",
-            "--auto-file-renaming=false",
-            "-i",
-            str(listing),
-        ]
-        return [argv], 1
+        return [_aria2c_argv(ctx, out, ["-i", str(_aria2c_list(ctx, files, out))])], 1
     if tool == "curl":
         argv = ["curl", "-sS", "-f"]
         for f in files:
@@ -546,25 +670,28 @@ def _commands(ctx: Ctx, tool: str, files: list[ModelFile], out: Path) -> tuple[l
         return [argv], 1  # one process, one reused connection, files back to back
     assert ctx.mc_bin is not None
     home = out / "home"
-    return [
-        [str(ctx.mc_bin), "--home", str(home), "pull", *ctx.args.mc_pull_args, ctx.url(f)] for f in files
-    ], a.jobs
+    return [ctx.mc_pull(home, ctx.url(f)) for f in files], a.jobs
 
 
-def _locate_outputs(tool: str, files: list[ModelFile], out: Path, res: ProcResult) -> dict[str, Path]:
-    """Where each tool put each file (modelcache: under the directory on its last stdout line)."""
+def _locate_outputs(
+    tool: str, scenario: str, files: list[ModelFile], out: Path, res: ProcResult
+) -> dict[str, Path]:
+    """Where each tool put each file (modelcache: under the directories its pulls printed last)."""
     if tool != "modelcache":
-        return {f.name: out / "dl" / f.name for f in files}
+        base = out / "dl" / "x" if scenario == "archive" else out / "dl"
+        return {f.name: base / f.name for f in files}
+    dirs = [Path(lines[-1].strip()) for lines in (o.strip().splitlines() for o in res.stdouts) if lines]
     found: dict[str, Path] = {}
-    for f, stdout in zip(files, res.stdouts, strict=True):
-        lines = stdout.strip().splitlines()
-        if not lines:
-            continue
-        d = Path(lines[-1].strip())
-        cand = d / f.name if d.is_dir() else d
-        if not cand.is_file() and d.is_dir():
-            cand = next((p for p in d.rglob(f.name) if p.is_file()), cand)
-        found[f.name] = cand
+    for f in files:
+        for d in dirs:
+            cand = d / f.name if d.is_dir() else d
+            if cand.name == f.name and cand.is_file():
+                found[f.name] = cand
+                break
+            hit = next((p for p in d.rglob(f.name) if p.is_file()), None) if d.is_dir() else None
+            if hit is not None:
+                found[f.name] = hit
+                break
     return found
 
 
@@ -587,17 +714,24 @@ def run_one(ctx: Ctx, rnd: int, tool: str, scenario: str) -> RunRecord:
     out = ctx.work / "runs" / f"{tool}-{scenario}-r{rnd}"
     shutil.rmtree(out, ignore_errors=True)
     (out / "dl").mkdir(parents=True)
-    commands, jobs = _commands(ctx, tool, files, out)
+    commands, jobs = _commands(ctx, tool, scenario, files, out)
+    expect = ctx.model.files if scenario == "archive" else files  # what must be on disk afterwards
     # generous bound: everything over a single capped connection, twice, plus a minute
     rate = ctx.args.rate or 50 * MIB
     timeout = 2 * nbytes / rate + 60 * len(commands)
     os.sync()  # start each run with no dirty pages left from the previous one
+    background = wait_quiet(ctx.args.quiet_wait)  # and with the machine as idle as it gets
     offset = ctx.nginx.log_offset()
     error = ""
+    cpu0 = (system_busy_s(), ctx.nginx.cpu_s(), time.process_time())
     try:
         res = run_jobs(commands, jobs, ctx.env, out / "stderr.log", timeout)
     except TimeoutError as exc:
         res, error = ProcResult(timeout, [124], 0.0, 0.0, 0.0, []), str(exc)
+    busy, nginx_cpu, own_cpu = (
+        a - b for a, b in zip((system_busy_s(), ctx.nginx.cpu_s(), time.process_time()), cpu0, strict=True)
+    )
+    other_cpu = max(0.0, busy - nginx_cpu - own_cpu - res.cpu_s)
     t_sync = time.perf_counter()
     os.sync()  # time to durability reported separately: modelcache may fsync, aria2c/curl do not
     sync_s = time.perf_counter() - t_sync
@@ -607,7 +741,7 @@ def run_one(ctx: Ctx, rnd: int, tool: str, scenario: str) -> RunRecord:
         tail = (out / "stderr.log").read_text(errors="replace")[-600:]
         error = f"exit codes {res.returncodes}: {tail}"
     if not error:
-        error = _verify(files, _locate_outputs(tool, files, out, res), deep=ctx.args.verify)
+        error = _verify(expect, _locate_outputs(tool, scenario, expect, out, res), deep=ctx.args.verify)
     if not ctx.args.keep:
         shutil.rmtree(out, ignore_errors=True)
     rec = RunRecord(
@@ -620,6 +754,9 @@ def run_one(ctx: Ctx, rnd: int, tool: str, scenario: str) -> RunRecord:
         sync_s=sync_s,
         mb_s=nbytes / 1e6 / res.wall_s,
         cpu_s=res.cpu_s,
+        nginx_cpu_s=nginx_cpu,
+        other_cpu_s=other_cpu,
+        background_cores=background,
         peak_rss_mb=res.peak_rss_mb,
         peak_tree_rss_mb=res.peak_tree_rss_mb,
         connections=conns,
@@ -630,7 +767,8 @@ def run_one(ctx: Ctx, rnd: int, tool: str, scenario: str) -> RunRecord:
     status = "ok" if rec.ok else f"FAILED: {error}"
     log(
         f"r{rnd} {scenario:7s} {tool:10s} {rec.wall_s:7.2f}s {rec.mb_s:7.1f} MB/s "
-        f"cpu {rec.cpu_s:5.1f}s rss {rec.peak_rss_mb:6.1f} MB conns {conns:3d} sync {sync_s:.2f}s {status}"
+        f"cpu {rec.cpu_s:5.1f}s nginx {nginx_cpu:4.1f}s other {other_cpu:4.1f}s "
+        f"rss {rec.peak_rss_mb:6.1f} MB conns {conns:3d} sync {sync_s:.2f}s {status}"
     )
     return rec
 
@@ -657,7 +795,9 @@ for _ in range(n):
     assert rec is not None, "lookup returned None for a cached model"
 miss = Store(root).lookup(url + ".not-cached")
 print(json.dumps({"import_s": t_import, "first_s": t_first, "times_s": times,
-                  "found": first is not None, "miss_is_none": miss is None, "record": repr(first)[:300]}))
+                  "found": first is not None,
+                  "file_count": getattr(first, "file_count", None), "miss_is_none": miss is None,
+                  "record": repr(first)[:300]}))
 """
 
 
@@ -667,10 +807,10 @@ def warm_lookup(ctx: Ctx) -> dict[str, Any]:
     a = ctx.args
     home = ctx.work / "warm-home"
     shutil.rmtree(home, ignore_errors=True)
-    url = ctx.url(ctx.model.lookup_archive)
+    url = f"{ctx.nginx.base_url}/{LOOKUP_ARCHIVE}"
     out: dict[str, Any] = {"url_files": LOOKUP_FILES, "archive_bytes": ctx.model.lookup_archive.size}
     pull = subprocess.run(
-        [str(ctx.mc_bin), "--home", str(home), "pull", *a.mc_pull_args, url],
+        ctx.mc_pull(home, url),
         capture_output=True,
         text=True,
         env=ctx.env,
@@ -801,6 +941,9 @@ def summarize(records: list[RunRecord]) -> dict[str, dict[str, dict[str, Any]]]:
                     median_mb_s=good[0].bytes / 1e6 / wall,
                     median_sync_s=statistics.median(r.sync_s for r in good),
                     median_cpu_s=statistics.median(r.cpu_s for r in good),
+                    median_nginx_cpu_s=statistics.median(r.nginx_cpu_s for r in good),
+                    median_other_cpu_s=statistics.median(r.other_cpu_s for r in good),
+                    max_background_cores=max(r.background_cores for r in good),
                     peak_rss_mb=max(r.peak_rss_mb for r in good),
                     peak_tree_rss_mb=max(r.peak_tree_rss_mb for r in good),
                     connections=statistics.median(r.connections for r in good),
@@ -828,7 +971,10 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "curl": cmd_version(["curl", "--version"], r"curl \S+"),
         "hyperfine": cmd_version(["hyperfine", "--version"]),
         "modelcache": _modelcache_version(),
-        "rate_cap_per_connection": f"{args.rate_text} ({args.rate / 1e6:.1f} MB/s)" if args.rate else "none",
+        "modelcache_src": _source_digest(),
+        "rate_cap_per_connection": f"{args.rate / MIB:g} MiB/s = {args.rate / 1e6:.1f} MB/s"
+        if args.rate
+        else "none",
     }
 
 
@@ -838,6 +984,14 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "?"
+
+
+def _source_digest() -> str:
+    """sha256 over src/modelcache/**/*.py: ties a result to the code it measured (no commits yet)."""
+    h = hashlib.sha256()
+    for path in sorted((REPO_DIR / "src" / "modelcache").rglob("*.py")):
+        h.update(path.relative_to(REPO_DIR).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _modelcache_version() -> str:
@@ -869,21 +1023,24 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         f"- {m['nproc']} cores ({m['cpu']}), {m['mem_gib']} GiB RAM, Linux {m['kernel']}, "
         f"Python {m['python']}",
         f"- {m['nginx']} (own config, loopback 127.0.0.1, `sendfile on`, keepalive), {m['aria2c']}, "
-        f"{m['curl']}, {m['hyperfine']}, modelcache {m['modelcache']}",
+        f"{m['curl']}, {m['hyperfine']}, modelcache {m['modelcache']} (source digest {m['modelcache_src']})",
         f"- **per-connection rate cap: nginx `limit_rate {cfg['rate']}`** = {m['rate_cap_per_connection']}",
         f"- model: {cfg['large_files']} large files + {cfg['json_files']} json files, "
         f"{fmt_bytes(cfg['model_bytes'])} total; largest file {fmt_bytes(cfg['largest_bytes'])}",
-        f"- {cfg['rounds']} rounds, tools alternate round-robin (start rotates every round), fresh output "
-        f"directory / modelcache home for every run, deleted afterwards; `sync` before every run",
-        f"- modelcache: `MODELCACHE_CONNECTIONS={cfg['connections']}`"
+        f"- {cfg['rounds']} round(s), tools alternate round-robin (start rotates every round), fresh output "
+        f"directory / modelcache home for every run, deleted afterwards; before every run `sync`, then "
+        f"wait up to {cfg['quiet_wait']:.0f}s for the machine to be idle (< {QUIET_CORES} busy cores; "
+        f"measured before the runs: {_background_range(data['runs'])})",
+        f"- modelcache: `--connections {cfg['connections']}` (and `MODELCACHE_CONNECTIONS`)"
         + (f", `MODELCACHE_CHUNK_SIZE={cfg['chunk_size']}`" if cfg["chunk_size"] else "")
         + f"; aria2c: `-x{cfg['connections']} -s{cfg['connections']} -k1M -j{cfg['jobs']} "
         "--file-allocation=none`; curl: one process, files back to back on one connection",
         "",
-        "### What is compared, and why two scenarios",
+        "### What is compared, and why these scenarios",
         "",
         "modelcache's http source takes one URL per model (a single file or an archive), so a multi-file",
-        "checkpoint served as loose files is pulled one URL per file. We therefore time two things:",
+        "checkpoint is either served as loose files and pulled one URL per file, or served as one tar.",
+        "We time (scenarios run here: " + ", ".join(cfg["scenarios"]) + "):",
         "",
         "- **largest**: the single largest file. Same URL, same bytes for every tool: the apples-to-apples",
         "  test of the ranged parallel engine against `aria2c -x16 -s16`.",
@@ -891,6 +1048,9 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         f"  at once); modelcache runs one `modelcache pull URL` per file, at most {cfg['jobs']} at a time",
         "  (what a launcher would do with `xargs -P`), so both tools have the same file-level concurrency.",
         "  curl fetches the files one after the other on one connection.",
+        "- **archive**: the whole model as one uncompressed tar (one URL, KServe-style). modelcache pulls",
+        "  it with ranged GETs, checks it and unpacks it into the model directory; aria2c downloads it",
+        "  the same way, then `tar -x`; curl streams it into `tar -x`. Same end state: loose files on disk.",
         "",
         "Throughput is bytes / wall time of the tool process(es) (MB = 10^6 bytes). `+sync` is the extra",
         "time of an `os.sync()` right after the tool exits: aria2c and curl leave dirty pages behind,",
@@ -898,8 +1058,8 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         "",
         "## Cold pull (median of rounds)",
         "",
-        "| scenario | tool | median s | min-max s | MB/s | vs aria2c | +sync s | CPU s | peak RSS MB "
-        "| conns | ok |",
+        "| scenario | tool | median s | min-max s | MB/s | vs aria2c | +sync s | CPU s tool / nginx / other "
+        "| peak RSS MB | conns | ok |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for sc, tools in summ.items():
@@ -907,15 +1067,21 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
             lines.append(
                 f"| {sc} | {tool} | {_f(e.get('median_s'))} | {_f(e.get('min_s'))}-{_f(e.get('max_s'))} | "
                 f"{_f(e.get('median_mb_s'), '.1f')} | {_f(e.get('ratio_vs_aria2c'), '.2f')}x | "
-                f"{_f(e.get('median_sync_s'))} | {_f(e.get('median_cpu_s'), '.1f')} | "
+                f"{_f(e.get('median_sync_s'))} | {_f(e.get('median_cpu_s'), '.1f')} / "
+                f"{_f(e.get('median_nginx_cpu_s'), '.1f')} / {_f(e.get('median_other_cpu_s'), '.1f')} | "
                 f"{_f(e.get('peak_rss_mb'), '.1f')} | "
                 f"{_f(e.get('connections'), '.0f')} | {e['ok_runs']}/{e['runs']} |"
             )
     lines += [
         "",
-        "Peak RSS is the largest `ru_maxrss` of any one tool process (GNU `time -f %M`); conns is the",
-        "number of distinct TCP connections nginx saw during the run.",
+        "Peak RSS is the largest of any one tool process; CPU is user+sys summed over the tool's processes;",
+        f"both from {cfg['rss_method']}. conns is the number of distinct TCP connections nginx saw.",
+        '"other" CPU is the machine\'s busy time during the run in process context (irq/softirq left out)',
+        "that was neither the tool, nginx nor this harness: other processes, kernel threads (writeback,",
+        "journal) or VM steal. Values well above the tool's own CPU mean a disturbed run. The machine has",
+        f"{data['machine']['nproc']} cores, so wall x {data['machine']['nproc']} is the CPU budget of a run.",
     ]
+    lines += ["", *reading(summ, cfg, data["machine"]["nproc"])]
     failures = [r for r in data["runs"] if not r["ok"]]
     if failures:
         lines += ["", "Failed runs:", ""]
@@ -955,12 +1121,66 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
     path.write_text("\n".join(lines))
 
 
+def _background_range(runs: list[dict[str, Any]]) -> str:
+    vals = [r["background_cores"] for r in runs]
+    if not vals:
+        return "-"
+    busy = sum(v > QUIET_CORES for v in vals)
+    med = statistics.median(vals)
+    return f"median {med:.2f}, max {max(vals):.2f} cores; {busy}/{len(vals)} runs started busy"
+
+
+def reading(summ: dict[str, Any], cfg: dict[str, Any], nproc: int) -> list[str]:
+    """A few sentences derived from the numbers, so the table is read the same way every time."""
+    out = ["### Reading the numbers", ""]
+    for sc, tools in summ.items():
+        curl, aria, mc = (tools.get(t, {}) for t in ("curl", "aria2c", "modelcache"))
+        if "median_mb_s" in curl and cfg["rate_bytes"]:
+            out.append(
+                f"- {sc}: curl runs at {curl['median_mb_s']:.1f} MB/s, "
+                f"{curl['median_mb_s'] / (cfg['rate_bytes'] / 1e6):.2f}x the per-connection cap"
+                + (
+                    f"; aria2c is {aria['median_mb_s'] / curl['median_mb_s']:.1f}x faster"
+                    if "median_mb_s" in aria
+                    else ""
+                )
+                + (
+                    f", modelcache {mc['median_mb_s'] / curl['median_mb_s']:.1f}x"
+                    if "median_mb_s" in mc
+                    else ""
+                )
+                + "."
+            )
+        per_gb = []
+        for tool in TOOLS:
+            e = tools.get(tool, {})
+            if "median_cpu_s" in e and e.get("bytes"):
+                used = (e["median_cpu_s"] + e["median_nginx_cpu_s"]) / (e["median_s"] * nproc)
+                per_gb.append(
+                    f"{tool} {e['median_cpu_s'] / (e['bytes'] / 1e9):.2f} CPU-s/GB "
+                    f"(tool + nginx = {used:.0%} of the {nproc} cores)"
+                )
+        if per_gb:
+            out.append(f"- {sc}: " + "; ".join(per_gb) + ".")
+    out += [
+        "",
+        "When tool + nginx use most of the cores, the client's CPU cost per byte, not the cap, sets the",
+        f"pace: with {cfg['connections']} connections the cap alone would allow "
+        + (
+            f"{cfg['connections'] * cfg['rate_bytes'] / 1e6:.0f} MB/s per file."
+            if cfg["rate_bytes"]
+            else "any rate (no cap)."
+        ),
+    ]
+    return out
+
+
 def evaluate_targets(summ: dict[str, Any], warm: dict[str, Any] | None) -> list[tuple[str, str, str]]:
     def verdict(ok: bool | None) -> str:
         return "n/a" if ok is None else ("**met**" if ok else "**NOT met**")
 
     rows: list[tuple[str, str, str]] = []
-    for sc in SCENARIOS:
+    for sc in [sc for sc in SCENARIOS if sc in summ] or ["largest"]:
         ratio = summ.get(sc, {}).get("modelcache", {}).get("ratio_vs_aria2c")
         rows.append(
             (
@@ -1012,41 +1232,52 @@ def plot(path: Path, data: dict[str, Any]) -> None:
     present = [t for t in TOOLS if any("median_mb_s" in summ[sc].get(t, {}) for sc in scen)]
     width = 0.8 / max(1, len(present))
     for j, tool in enumerate(present):
-        xs, ys, notes = [], [], []
+        xs, ys, lo, hi, notes = [], [], [], [], []
         for i, sc in enumerate(scen):
             e = summ[sc].get(tool, {})
             if "median_mb_s" in e:
                 xs.append(i + (j - (len(present) - 1) / 2) * width)
                 ys.append(e["median_mb_s"])
+                lo.append(e["median_mb_s"] - e["bytes"] / 1e6 / e["max_s"])  # slowest round
+                hi.append(e["bytes"] / 1e6 / e["min_s"] - e["median_mb_s"])  # fastest round
                 ratio = e.get("ratio_vs_aria2c")
                 notes.append(
                     f"{e['median_mb_s']:.0f}" + (f"\n{ratio:.2f}x" if ratio and tool != "aria2c" else "")
                 )
-        bars = ax.bar(xs, ys, width, label=tool, color=colors[tool])
-        for b, y, note in zip(bars, ys, notes, strict=True):
-            ax.annotate(note, (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=8)
+        bars = ax.bar(
+            xs,
+            ys,
+            width,
+            label=tool,
+            color=colors[tool],
+            yerr=[lo, hi],
+            capsize=3,
+            error_kw={"elinewidth": 0.8, "ecolor": "#333333"},
+        )
+        for b, y, up, note in zip(bars, ys, hi, notes, strict=True):
+            ax.annotate(note, (b.get_x() + b.get_width() / 2, y + up), ha="center", va="bottom", fontsize=8)
+    caps: list[tuple[float, str]] = []
     if cfg["rate_bytes"]:
         cap = cfg["rate_bytes"] / 1e6
-        for level, text in (
-            (cap, "1 connection"),
-            (cap * cfg["connections"], f"{cfg['connections']} connections"),
-        ):
+        caps = [(cap, "cap x 1 conn"), (cap * cfg["connections"], f"cap x {cfg['connections']} conns")]
+        for level, _text in caps:
             ax.axhline(level, color="black", ls=":", lw=0.8)
-            ax.annotate(
-                f"cap x {text}: {level:.0f} MB/s",
-                (-0.45, level),
-                textcoords="offset points",
-                xytext=(0, 2),
-                fontsize=7.5,
-            )
     ax.set_xticks(range(len(scen)))
     ax.set_xticklabels(
         [f"{sc}\n({fmt_bytes(summ[sc][next(iter(summ[sc]))].get('bytes', 0))})" for sc in scen]
     )
-    ax.set_ylabel("median throughput, MB/s (higher is better)")
-    ax.set_title(f"Cold pull from nginx, limit_rate {cfg['rate']} per connection, {cfg['rounds']} rounds")
-    ax.legend(loc="upper right")
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+    ax.set_ylabel("median throughput, MB/s (higher is better)\nwhiskers: slowest and fastest round")
+    ax.set_title(
+        f"Cold pull from nginx, limit_rate {cfg['rate']} per connection, "
+        f"{cfg['rounds']} round{'s' if cfg['rounds'] != 1 else ''}"
+    )
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
+    if caps:  # labelled on a right-hand axis, where they cannot cover a bar's label
+        right = ax.twinx()
+        right.set_ylim(ax.get_ylim())
+        right.set_yticks([lv for lv, _t in caps])
+        right.set_yticklabels([f"{t}\n{lv:.0f} MB/s" for lv, t in caps], fontsize=7.5)
+    ax.legend(loc="upper center", ncol=len(present), fontsize=9)
     ax.set_xlim(-0.5, len(scen) - 0.5)
 
     labels, vals, targets = [], [], []
@@ -1141,9 +1372,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--chunk-size", default="", help="MODELCACHE_CHUNK_SIZE to pass (default: modelcache's own)"
     )
     p.add_argument("--tools", default=",".join(TOOLS), help="comma list of tools to time")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list: largest,set")
+    p.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help="comma list of largest,set,archive (archive: the whole model as one tar, pulled and unpacked)",
+    )
     p.add_argument("--lookup-calls", type=int, default=None, help="in-process lookups to time (default 200)")
     p.add_argument("--path-runs", type=int, default=None, help="`modelcache path` runs to time (default 20)")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="seconds to wait for the machine to go idle (< 0.25 busy cores) before each run (default 20)",
+    )
     p.add_argument("--nginx-workers", type=int, default=1, help="nginx worker processes (default 1)")
     p.add_argument(
         "--no-verify", dest="verify", action="store_false", help="skip sha256 of outputs (size only)"
@@ -1152,6 +1393,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-digest", dest="digests", action="store_false", help="do not send Repr-Digest (sha-256) headers"
     )
     p.add_argument("--keep", action="store_true", help="keep downloaded outputs under bench/work/runs")
+    p.add_argument("--report-only", action="store_true", help="re-render pull.md/png from pull.json only")
     p.add_argument("--quick", action="store_true", help="small smoke run: 256MiB, 1 round, fewer lookups")
     p.add_argument("--work", type=Path, default=BENCH_DIR / "work", help="work dir (generated model, nginx)")
     p.add_argument("--results", type=Path, default=BENCH_DIR / "results", help="where pull.{md,json,png} go")
@@ -1171,16 +1413,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"unknown scenario {s!r}")
     if not (1 <= a.rounds <= 50 and 1 <= a.connections <= 64 and 1 <= a.jobs <= 16):
         p.error("rounds 1..50, connections 1..64, jobs 1..16")
-    a.mc_pull_args = ["--quiet"]
     return a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:  # re-render md and png from the last raw results, no measuring
+        saved: dict[str, Any] = json.loads((args.results / "pull.json").read_text())
+        write_markdown(args.results / "pull.md", saved)
+        plot(args.results / "pull.png", saved)
+        log(f"re-rendered {args.results / 'pull.md'} and pull.png from pull.json")
+        return 0
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     model = ensure_model(work, args.size, args.large_files)
+    if "archive" in args.scenarios:
+        ensure_archive(work, model)
     mc_bin, mc_why = find_modelcache() if "modelcache" in args.tools else (None, "not requested (--tools)")
     tools = [t for t in args.tools if t != "modelcache" or mc_bin is not None]
     if mc_why:
@@ -1199,6 +1448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Ctx(args, model, nginx, work, mc_bin, env)
     records: list[RunRecord] = []
     warm: dict[str, Any] | None = None
+    machine = machine_info(args)  # before the runs: the source digest is of the code measured
     nginx.start()
     log(f"nginx on {nginx.base_url}, limit_rate {args.rate_text}; model {fmt_bytes(model.total_bytes)}")
     try:
@@ -1218,12 +1468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     summ = summarize(records)
     json_blobs = [f for f in model.files if f.name.endswith(".json")]
     data: dict[str, Any] = {
-        "machine": machine_info(args),
+        "machine": machine,
         "config": {
             "command": " ".join(
                 [".venv/bin/python bench/pull.py", *(argv if argv is not None else sys.argv[1:])]
             ),
             "quick": args.quick,
+            "rss_method": rss_method(),
+            "quiet_wait": args.quiet_wait,
             "rate": args.rate_text,
             "rate_bytes": args.rate,
             "rounds": args.rounds,

@@ -385,31 +385,47 @@ def initialize(
         )
 
 
-def _mount_optional() -> None:
-    """Commands that live in their own modules join when present (each imports its heavy parts lazily).
+_OPTIONAL = ("dev", "controller", "agent", "webhook")
+
+
+def _mount_optional(only: str | None = None) -> None:
+    """Commands that live in their own modules join when present. Only the one being run is
+    imported (the dev control plane pulls in lightkube: ~100 ms every `pull` would pay), all of
+    them for help output.
 
     `cli/dev.py` is a typer sub-app; `cli/<name>.py` for controller, agent and webhook exposes
     `main`, a typer command function.
     """
     import importlib
 
-    with contextlib.suppress(ImportError):
-        from modelcache.cli.dev import app as dev_app
-
-        app.add_typer(
-            dev_app, name="dev", help="Local control plane (etcd + kube-apiserver) for trying the operator."
-        )
-    for name in ("controller", "agent", "webhook"):
+    for name in _OPTIONAL if only is None else (only,):
         try:
             module = importlib.import_module(f"modelcache.cli.{name}")
         except ModuleNotFoundError as exc:
             if exc.name != f"modelcache.cli.{name}":
                 raise
             continue
-        app.command(name)(module.main)
+        if name == "dev":
+            app.add_typer(
+                module.app,
+                name="dev",
+                help="Local control plane (etcd + kube-apiserver) for trying the operator.",
+            )
+        else:
+            app.command(name)(module.main)
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The subcommand in argv (skipping global options), or None."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in ("--home", "--log-format") else 1
+    return argv[i] if i < len(argv) else None
 
 
 def run(argv: list[str]) -> int:
-    _mount_optional()
+    word = _command_word(argv)
+    if word in _OPTIONAL or word is None or word not in {c.name for c in app.registered_commands}:
+        _mount_optional(word if word in _OPTIONAL else None)
     app(args=argv, prog_name="modelcache")
     return 0

@@ -425,7 +425,8 @@ def _command_word(argv: list[str]) -> str | None:
 
 def run(argv: list[str]) -> int:
     word = _command_word(argv)
-    if word in _OPTIONAL or word is None or word not in {c.name for c in app.registered_commands}:
+    builtin = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    if word is None or word not in builtin:
         _mount_optional(word if word in _OPTIONAL else None)
     app(args=argv, prog_name="modelcache")
     return 0

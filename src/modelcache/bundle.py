@@ -6,6 +6,7 @@ file's sha256 must equal the manifest's before the model is published.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -14,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 from modelcache.archive import UnsafeArchiveError, safe_member_path
-from modelcache.errors import IntegrityError, NotFoundError, UsageError
+from modelcache.errors import InsufficientSpaceError, IntegrityError, NotFoundError, UsageError
 from modelcache.store.core import ModelRecord, Store
 from modelcache.store.manifest import Manifest
 from modelcache.uri import storage_key
@@ -30,16 +31,26 @@ def export_bundle(store: Store, key: str, out: Path) -> int:
     base = store.model_dir(key)
     if not base.is_dir():
         raise NotFoundError(f"not cached: {key}")
+    if not out.name or out.is_dir():
+        raise UsageError(f"--output {out} must name a file, not a directory")
+    if not out.parent.is_dir():
+        raise UsageError(f"--output {out}: directory {out.parent} does not exist")
     data = json.dumps(m.to_dict(), indent=1).encode()
     tmp = out.with_name(out.name + ".part")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-        info = tarfile.TarInfo(MANIFEST_NAME)
-        info.size = len(data)
-        info.mtime = int(m.created_at)
-        tf.addfile(info, io.BytesIO(data))
-        for f in m.files:
-            tf.add(base / f.path, arcname=PREFIX + f.path, recursive=False)
-    tmp.replace(out)
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+            info = tarfile.TarInfo(MANIFEST_NAME)
+            info.size = len(data)
+            info.mtime = int(m.created_at)
+            tf.addfile(info, io.BytesIO(data))
+            for f in m.files:
+                tf.add(base / f.path, arcname=PREFIX + f.path, recursive=False)
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientSpaceError(f"no space left to write {out}") from exc
+        raise UsageError(f"cannot write {out}: {exc.strerror}") from exc
     return out.stat().st_size
 
 
@@ -74,9 +85,14 @@ def import_bundle(store: Store, bundle: Path) -> ModelRecord:
                 finally:
                     store.clear_staging(manifest.key)
     except tarfile.TarError as exc:
-        raise IntegrityError(f"{bundle.name}: not a valid bundle ({exc})") from exc
-    except UnsafeArchiveError:
-        raise
+        reason = str(exc).splitlines()[0].rstrip(" (:")
+        raise IntegrityError(f"{bundle.name}: not a valid bundle ({reason})") from exc
+    except RecursionError as exc:
+        raise IntegrityError(f"{bundle.name}: unreadable manifest (nested too deeply)") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientSpaceError(f"no space left to import {bundle.name}") from exc
+        raise IntegrityError(f"{bundle.name}: cannot unpack ({exc.strerror or exc})") from exc
 
 
 def _unpack(tf: tarfile.TarFile, manifest: Manifest, root: Path) -> None:

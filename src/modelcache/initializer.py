@@ -90,6 +90,8 @@ def kserve_patterns(env: Mapping[str, str]) -> SourceOptions:
 
 async def initialize(uri: str, dest: Path, *, cache_dir: Path | None) -> InitResult:
     t0 = time.monotonic()
+    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+        raise UsageError(f"--cache-dir {cache_dir} exists and is not a directory")
     options = kserve_patterns(os.environ)
     dest = dest.absolute()
     dest.mkdir(parents=True, exist_ok=True)
@@ -127,4 +129,12 @@ def pairs(args: list[str]) -> list[tuple[str, Path]]:
         raise UsageError(
             "usage: modelcache initialize SRC_URI DEST_DIR [SRC_URI DEST_DIR ...] [--cache-dir DIR]"
         )
-    return [(args[i], Path(args[i + 1])) for i in range(0, len(args), 2)]
+    out = []
+    for i in range(0, len(args), 2):
+        dest = args[i + 1]
+        if not dest.strip():
+            raise UsageError(f"empty DEST_DIR for {redact(args[i])}")
+        if Path(dest).exists() and not Path(dest).is_dir():
+            raise UsageError(f"DEST_DIR {dest} exists and is not a directory")
+        out.append((args[i], Path(dest)))
+    return out

@@ -22,6 +22,7 @@ _SUFFIXES: dict[str, int] = {
     "Pi": 2**50,
     "Ei": 2**60,
 }
+MAX_BYTES = 2**63 - 1  # what every filesystem and the Kubernetes API can express
 _RE = re.compile(
     r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?\s*$"
 )
@@ -39,10 +40,14 @@ def parse_quantity(text: str | int) -> int:
     number, exponent, suffix = m.group(1), m.group(2), m.group(3) or ""
     if exponent is not None and suffix:
         raise UsageError(f"invalid size {text!r}: an exponent cannot be combined with a suffix")
+    if exponent is not None and abs(int(exponent)) > 30:
+        raise UsageError(f"invalid size {text!r}: out of range")
     try:
         value = Decimal(number) * Decimal(10) ** int(exponent or 0) * _SUFFIXES[suffix]
-    except (InvalidOperation, KeyError) as exc:  # pragma: no cover - regex guards this
+    except (InvalidOperation, ArithmeticError, KeyError) as exc:
         raise UsageError(f"invalid size {text!r}") from exc
+    if value > MAX_BYTES:
+        raise UsageError(f"invalid size {text!r}: larger than {MAX_BYTES} bytes")
     whole = int(value)
     return whole + (1 if value != whole else 0)
 

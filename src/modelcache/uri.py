@@ -71,37 +71,39 @@ def parse_uri(text: str) -> ModelURI:
     raw = text.strip()
     if not raw:
         raise UsageError("empty model URI")
-    if any(c in raw for c in "\n\r\t\x00"):
-        raise UsageError(f"malformed URI {raw!r}: contains control characters")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in raw):
+        raise UsageError(f"malformed URI {redact(raw)!r}: contains control characters")
     m = _SCHEME_RE.match(raw)
     if m is None:
         if "://" in raw or (re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", raw) and not os.path.exists(raw)):
-            raise UsageError(f"malformed URI {raw!r}: expected scheme://..., e.g. https://host/model.tar.gz")
+            raise UsageError(
+                f"malformed URI {redact(raw)!r}: expected scheme://..., e.g. https://host/model.tar.gz"
+            )
         raw = "file://" + os.path.abspath(os.path.expanduser(raw))
         m = _SCHEME_RE.match(raw)
         assert m is not None
     scheme = m.group(1).lower()
     if scheme not in SCHEMES:
         known = ", ".join(sorted(SCHEMES))
-        raise UsageError(f"unknown URI scheme {scheme!r} in {raw!r} (known: {known})")
+        raise UsageError(f"unknown URI scheme {scheme!r} in {redact(raw)!r} (known: {known})")
     try:
         parts = urlsplit(raw)
         port = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
-        raise UsageError(f"malformed URI {raw!r}: {exc}") from exc
+        raise UsageError(f"malformed URI {redact(raw)!r}: {exc}") from exc
     del port
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise UsageError(f"malformed URI {raw!r}: file URIs take no host (use file:///abs/path)")
+            raise UsageError(f"malformed URI {redact(raw)!r}: file URIs take no host (use file:///abs/path)")
         if not parts.path.startswith("/"):
-            raise UsageError(f"malformed URI {raw!r}: file URIs need an absolute path")
+            raise UsageError(f"malformed URI {redact(raw)!r}: file URIs need an absolute path")
     elif scheme in ("http", "https"):
-        if not parts.hostname:
-            raise UsageError(f"malformed URI {raw!r}: no host")
+        if not parts.hostname or " " in parts.netloc:
+            raise UsageError(f"malformed URI {redact(raw)!r}: no host")
         if parts.path in ("", "/"):
-            raise UsageError(f"malformed URI {raw!r}: no path to a model file or archive")
+            raise UsageError(f"malformed URI {redact(raw)!r}: no path to a model file or archive")
     elif not parts.netloc and not parts.path.strip("/"):
-        raise UsageError(f"malformed URI {raw!r}: nothing after {scheme}://")
+        raise UsageError(f"malformed URI {redact(raw)!r}: nothing after {scheme}://")
     return ModelURI(uri=raw, scheme=scheme, host=parts.netloc, path=parts.path)
 
 
@@ -123,5 +125,5 @@ _SECRET_QUERY = re.compile(
 
 def redact(uri: str) -> str:
     """A URI safe for logs, errors and status: no userinfo password, no signed query parameters."""
-    out = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]*)@", lambda m: m.group(1) + "***@", uri)
+    out = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/?#]*)@", lambda m: m.group(1) + "***@", uri)
     return _SECRET_QUERY.sub(lambda m: m.group(1) + "***", out)

@@ -248,3 +248,47 @@ def test_kserve_host_headers_env(home: Path, origin_root: Path) -> None:
         assert ok.returncode == 0, ok.stderr
         bad = run_cli(home.parent / "h2", "pull", url, **{"127.0.0.1-headers": "nope"})
         assert "must be a JSON object" in assert_one_line_error(bad, 2)
+
+
+def test_more_bad_inputs_are_one_line_errors_without_secrets(home: Path, tmp_path: Path) -> None:
+    """Found by review: each of these once printed a traceback, a Rich box, or a secret."""
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    src = tmp_path / "src"
+    write_random(src / "w.bin", 1000)
+    cases: list[tuple[list[str], int, str]] = [
+        (["pull", "ftp://user:secretpw@127.0.0.1/x"], 2, "unknown URI scheme"),
+        (["pull", "https://user:secretpw@127.0.0.1:99999/x"], 2, "malformed"),
+        (["pull", "http://u:SEC@RETPW@127.0.0.1:9/x.bin"], 6, "cannot connect"),
+        (["pull", "https://ho st/x"], 2, "no host"),
+        (["pull", "https://127.0.0.1/\x1b[31mred"], 2, "control characters"),
+        (["--home", str(afile), "list"], 2, "not a directory"),
+        (["gc", "--max-size", "1e400"], 2, "out of range"),
+        (["gc", "--max-size", "99999999999999999999999Ei"], 2, "larger than"),
+        (["bogus"], 2, "No such command"),
+        (["pull", "--connections", "0", "x"], 2, "--connections"),
+        (["pull"], 2, "Missing argument"),
+        (["import", str(empty)], 4, "not a valid bundle"),
+        (["initialize", str(src), ""], 2, "empty DEST_DIR"),
+        (["initialize", str(src), str(afile)], 2, "not a directory"),
+        (["pull", "s3://Bad_Bucket/x"], 2, "not a valid S3 bucket name"),
+    ]
+    for args, code, fragment in cases:
+        proc = run_cli(home, *args)
+        line = assert_one_line_error(proc, code)
+        assert fragment in line, (args, line)
+        assert "secretpw" not in proc.stderr + proc.stdout and "RETPW" not in proc.stderr + proc.stdout
+
+
+def test_export_to_a_directory_and_a_damaged_manifest(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_random(src / "w.bin", 1000)
+    key = json.loads(run_cli(home, "pull", str(src), "--json").stdout)["key"]
+    line = assert_one_line_error(run_cli(home, "export", key, "-o", str(tmp_path)), 2)
+    assert "must name a file" in line
+    assert not list(tmp_path.parent.glob(f"{tmp_path.name}.part"))
+    (home / ".modelcache" / "manifests" / f"{key}.json").write_text("{bad")
+    assert "damaged" in assert_one_line_error(run_cli(home, "show", key), 4)
+    assert run_cli(home, "rm", key, "--force").returncode == 0

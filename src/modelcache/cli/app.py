@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from modelcache.errors import ConflictError, IntegrityError, NotFoundError
+from modelcache.errors import ConflictError, IntegrityError, NotFoundError, UsageError
 from modelcache.quantity import format_bytes, parse_quantity
 from modelcache.store import ModelRecord, Store
 from modelcache.uri import redact
@@ -121,7 +121,7 @@ def pull(
     store = G.store()
     from modelcache.uri import parse_uri
 
-    label = redact(parse_uri(uri).uri).rsplit("/", 1)[-1] or uri
+    label = redact(parse_uri(uri).uri).rstrip("/").rsplit("/", 1)[-1] or redact(uri)
     progress = make_progress(label, quiet=G.quiet)
     with progress if progress is not None else contextlib.nullcontext():
         result = asyncio.run(do_pull(store, uri, options=options, config=config, on_event=progress))
@@ -428,5 +428,16 @@ def run(argv: list[str]) -> int:
     builtin = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
     if word is None or word not in builtin:
         _mount_optional(word if word in _OPTIONAL else None)
-    app(args=argv, prog_name="modelcache")
-    return 0
+    if not argv:
+        argv = ["--help"]
+    try:
+        rv = app(args=argv, prog_name="modelcache", standalone_mode=False)
+    except Exception as exc:
+        # click's usage errors (unknown command, missing argument, bad option value) become our
+        # one-line error with exit 2, like every other bad input. Duck-typed: typer vendors click.
+        format_message = getattr(exc, "format_message", None)
+        if callable(format_message) and isinstance(getattr(exc, "exit_code", None), int):
+            first = (str(format_message()).strip().splitlines() or ["bad usage"])[0]
+            raise UsageError(f"{first} (see `modelcache --help`)") from exc
+        raise
+    return rv if isinstance(rv, int) else 0

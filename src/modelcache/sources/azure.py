@@ -207,14 +207,14 @@ class AzureBlobSource(AiohttpSource):
             container = parts.netloc
             if "@" in container:
                 raise UsageError(
-                    f"{self.uri.uri}: az://CONTAINER@ACCOUNT/... is not supported; use az://CONTAINER/... "
-                    "with AZURE_STORAGE_ACCOUNT_NAME, or https://ACCOUNT.blob.core.windows.net/CONTAINER/..."
+                    f"{redact(self.uri.uri)}: az://CONTAINER@ACCOUNT/... is not supported; "
+                    "use az://CONTAINER/... with AZURE_STORAGE_ACCOUNT_NAME, or https://ACCOUNT.blob.core.windows.net/CONTAINER/..."
                 )
             account = env.get("AZURE_STORAGE_ACCOUNT_NAME") or conn.get("AccountName", "")
             if not account:
                 raise UsageError(
-                    f"{self.uri.uri}: az:// needs the storage account: set AZURE_STORAGE_ACCOUNT_NAME "
-                    "or AZURE_STORAGE_CONNECTION_STRING (or use https://ACCOUNT.blob.core.windows.net/...)"
+                    f"{redact(self.uri.uri)}: az:// needs the storage account: "
+                    "set AZURE_STORAGE_ACCOUNT_NAME or AZURE_STORAGE_CONNECTION_STRING (or use https://ACCOUNT.blob.core.windows.net/...)"
                 )
             sas = ""
         else:

@@ -25,13 +25,23 @@ class FileSource(Source):
             raise NotFoundError(f"no such file or directory: {root}") from exc
         except PermissionError as exc:
             raise SourceError(f"permission denied: {root}") from exc
+        except NotADirectoryError as exc:
+            raise NotFoundError(f"no such file or directory: {root} (a parent is not a directory)") from exc
+        except (OSError, ValueError) as exc:  # name too long, NUL byte, ...
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UsageError(f"cannot use {str(root)[:200]!r} as a model path: {reason}") from exc
         if root.is_file():
             f = RemoteFile(root.name, st.st_size, etag=f"{st.st_size}-{st.st_mtime_ns}", locator=str(root))
             return Snapshot((f,), revision=None, archive=archive_kind(root.name))
         if not root.is_dir():
             raise UsageError(f"not a regular file or directory: {root}")
         files: list[RemoteFile] = []
-        for dirpath, dirnames, filenames in os.walk(root):  # does not follow directory symlinks
+
+        def unreadable(exc: OSError) -> None:
+            # A directory we cannot list would silently make an incomplete model: refuse instead.
+            raise SourceError(f"cannot read {exc.filename}: {exc.strerror}")
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):  # no directory symlinks
             dirnames.sort()
             for name in sorted(filenames):
                 p = Path(dirpath) / name

@@ -44,7 +44,14 @@ import obstore.exceptions as obe
 import yarl
 from obstore.store import S3Store
 
-from modelcache.errors import AuthError, ModelcacheError, NotFoundError, SourceError, TransientSourceError
+from modelcache.errors import (
+    AuthError,
+    ModelcacheError,
+    NotFoundError,
+    SourceError,
+    TransientSourceError,
+    UsageError,
+)
 from modelcache.sources.base import RemoteFile, Snapshot, Source, archive_kind, select
 from modelcache.sources.http import status_error
 from modelcache.uri import redact
@@ -165,6 +172,10 @@ def full_object_sha256(headers: Mapping[str, str], etag: str | None) -> str | No
     return raw.hex() if len(raw) == 32 else None
 
 
+#: S3's bucket naming rules (3-63 chars, lower case, digits, dots and hyphens).
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
 class S3Source(Source):
     _store: S3Store | None = None
     _found_region: str | None = None
@@ -252,10 +263,30 @@ class S3Source(Source):
             self._store = self._build_store()
         return self._store
 
+    def _validate(self, endpoint: str | None) -> None:
+        """Refuse what would make the S3 client panic (it aborts with a Rust panic, not an error)."""
+        if not _BUCKET_RE.match(self.bucket):
+            raise UsageError(f"{self.shown}: {self.bucket!r} is not a valid S3 bucket name")
+        if endpoint is not None:
+            try:
+                p = urlsplit(endpoint)
+                p.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError as exc:
+                raise UsageError(f"invalid S3 endpoint (AWS_ENDPOINT_URL / S3_ENDPOINT): {exc}") from exc
+            if p.scheme not in ("http", "https") or not p.hostname:
+                raise UsageError(
+                    "invalid S3 endpoint (AWS_ENDPOINT_URL / S3_ENDPOINT): expected http(s)://host[:port]"
+                )
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            value = self.options.env.get(name, "")
+            if any(ord(c) < 32 or ord(c) == 127 for c in value):
+                raise UsageError(f"{name} contains control characters")
+
     def _build_store(self) -> S3Store:
         env = self.options.env
         if not self.bucket:
             raise SourceError(f"{self.shown}: no bucket name")
+        self._validate(self.endpoint())
         anonymous = _true(env.get("awsAnonymousCredential"))
         region = self.region()
         endpoint = self.endpoint()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelcache.errors import ConflictError, NotFoundError
+from modelcache.errors import ConflictError, IntegrityError, NotFoundError, UsageError
 from modelcache.store.evict import Candidate
 from modelcache.store.index import Index, IndexRow
 from modelcache.store.locks import FileLock, is_held
@@ -97,14 +97,21 @@ def fsync_dir(path: Path) -> None:
 class Store:
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root).expanduser().absolute() if root is not None else default_root().absolute()
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"cache root {self.root} is not a directory (check --home / MODELCACHE_HOME)")
         self.models_dir = self.root / "models"
         self.meta = self.root / META
         self.index = Index(self.meta / "index.db")
 
     # -- paths -------------------------------------------------------------------------------
     def ensure(self) -> None:
-        for d in (self.models_dir, self.meta / "manifests", self.meta / "staging", self.meta / "locks"):
-            d.mkdir(parents=True, exist_ok=True)
+        try:
+            for d in (self.models_dir, self.meta / "manifests", self.meta / "staging", self.meta / "locks"):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot use cache root {self.root}: {exc.strerror} (check --home / MODELCACHE_HOME)"
+            ) from exc
 
     def model_dir(self, key: str) -> Path:
         return self.models_dir / key
@@ -172,7 +179,8 @@ class Store:
         if not self.root.exists():
             return []
         self.repair()
-        records = [self._record(r) for r in self.index.all()]
+        rows = self.index.all() if self.index.path.exists() else []
+        records = [self._record(r) for r in rows]
         staging = self.meta / "staging"
         if staging.is_dir():
             from modelcache.transfer import read_staging_summary
@@ -203,6 +211,11 @@ class Store:
             return load_manifest(self.manifest_path(key))
         except FileNotFoundError as exc:
             raise NotFoundError(f"not cached: {key}") from exc
+        except ValueError as exc:
+            raise IntegrityError(
+                f"manifest of {key} is damaged ({self.manifest_path(key)}); "
+                f"`modelcache rm --force {key}` and pull again"
+            ) from exc
 
     # -- publish / remove --------------------------------------------------------------------
     def publish(self, files_dir: Path, manifest: Manifest) -> ModelRecord:
@@ -334,6 +347,8 @@ class Store:
             )
 
     def candidates(self) -> list[Candidate]:
+        if not self.index.path.exists():
+            return []
         return [
             Candidate(r.key, r.size_bytes, r.last_used_at, pinned=r.pinned, in_use=self.in_use(r.key))
             for r in self.index.all()

@@ -136,6 +136,9 @@ def test_persistent_faults_end_in_exit_6_and_nothing_published(
     assert run_cli(home, "path", origin.url_for("/f.bin")).returncode == 3
     listing = json.loads(run_cli(home, "list", "--json").stdout)
     assert [m["state"] for m in listing] == ["partial"]  # kept for resume, never shown complete
+    removed = run_cli(home, "rm", listing[0]["key"])  # and it can be discarded by the key `list` shows
+    assert removed.returncode == 0 and "removed partial download" in removed.stdout, removed.stderr
+    assert json.loads(run_cli(home, "list", "--json").stdout) == []
 
 
 def test_bad_inputs_are_one_line_errors(

@@ -220,9 +220,17 @@ def rm(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Also remove pinned models.")] = False,
 ) -> None:
-    """Remove models. Pinned ones need --force; models in use are never removed."""
+    """Remove models (or interrupted downloads). Pinned ones need --force; models in use are never removed."""
     store = G.store()
-    recs = [store.get(r) for r in refs]
+    partial = [r for r in refs if store.lookup(r) is None and store.staging_dir(store.key_for(r)).is_dir()]
+    for ref in partial:
+        key = store.key_for(ref)
+        if dry_run:
+            sys.stdout.write(f"would remove partial download {key}\n")
+        else:
+            freed = store.remove_partial(key)
+            sys.stdout.write(f"removed partial download {key} {format_bytes(freed)}\n")
+    recs = [store.get(r) for r in refs if r not in partial]
     for rec in recs:
         if rec.pinned and not force:
             raise ConflictError(f"{redact(rec.uri)} is pinned; unpin it or use --force")

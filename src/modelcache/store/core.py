@@ -263,6 +263,19 @@ class Store:
         self.empty_trash()
         return size
 
+    def remove_partial(self, key: str) -> int:
+        """Discard an interrupted download (what `list` shows as partial). Returns bytes freed."""
+        staging = self.staging_dir(key)
+        if not staging.is_dir():
+            raise NotFoundError(f"not cached: {key}")
+        if is_held(self.lock_path(key)):
+            raise ConflictError(f"{key} is being downloaded right now; stop that pull first")
+        from modelcache.transfer import read_staging_summary
+
+        summary = read_staging_summary(staging)
+        self.clear_staging(key)
+        return summary.done_bytes if summary else 0
+
     def set_pinned(self, key: str, pinned: bool) -> None:
         if self.index.get(key) is None:
             raise NotFoundError(f"not cached: {key}")

@@ -232,6 +232,13 @@ class AzureBlobSource(AiohttpSource):
             endpoint = f"{scheme}://{account}.blob.{conn.get('EndpointSuffix', 'core.windows.net')}"
         else:
             endpoint = f"https://{parts.netloc.rsplit('@', 1)[-1]}"
+        ep = urlsplit(endpoint)
+        try:
+            ep.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise UsageError(f"Azure blob endpoint {redact(endpoint)!r} has a bad port") from exc
+        if ep.scheme not in ("http", "https") or not ep.hostname:
+            raise UsageError(f"Azure blob endpoint {redact(endpoint)!r} must be an http(s) URL")
         return _Target(account, endpoint.rstrip("/"), container, prefix), sas
 
     @staticmethod

@@ -73,6 +73,10 @@ def hf_endpoint(env: Mapping[str, str]) -> str:
         raise UsageError(f"HF_ENDPOINT must be an http(s) URL, got {redact(endpoint)!r}")
     if "@" in parts.netloc:
         raise UsageError("HF_ENDPOINT must not carry credentials; put the token in HF_TOKEN")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise UsageError(f"HF_ENDPOINT has a bad port: {redact(endpoint)!r}") from exc
     return endpoint
 
 

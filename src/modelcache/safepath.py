@@ -1,0 +1,98 @@
+"""The one way a name from outside becomes a path inside the cache.
+
+Every external name (URL segment, object key, listing entry, archive member, manifest entry, OCI
+title, bundle member) goes through `safe_relpath` before it is joined under a directory we own, and
+the join goes through `join_under`, which refuses to pass through a symlink. Keeping the rule in one
+place is what lets us promise "nothing is written outside the cache root".
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from modelcache.errors import IntegrityError
+
+NAME_MAX = 255  # bytes in one path segment (ext4, xfs, NFS)
+PATH_MAX = 1024  # bytes in a relative path; the root adds to it and Linux stops at 4096
+
+
+class UnsafeNameError(IntegrityError):
+    """A name from outside would not be a plain relative path under our directory (exit 4)."""
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """`text` for one line of output: control characters escaped, long text cut."""
+    out = "".join(c if (32 <= ord(c) < 127 or ord(c) >= 160) else repr(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+def safe_relpath(name: object, what: str = "name", *, lenient: bool = False) -> str:
+    """The posix relative path `name` denotes, or raise UnsafeNameError.
+
+    Refused: non-strings, empty names, NUL or other control characters, backslashes, absolute
+    paths, `..`, segments over NAME_MAX bytes, paths over PATH_MAX bytes. Strict mode also refuses
+    `.` and empty segments (object keys and listings never need them); `lenient` drops them, as
+    archives write `./a/b` and `dir/`. Returns '' only in lenient mode for a name like `./`.
+    """
+    if not isinstance(name, str):
+        raise UnsafeNameError(f"unsafe {what}: not a string ({type(name).__name__})")
+    shown = printable(name)
+    if not name and not lenient:
+        raise UnsafeNameError(f"unsafe {what}: empty name")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UnsafeNameError(f"unsafe {what} {shown!r}: control character in name")
+    if "\\" in name:
+        raise UnsafeNameError(f"unsafe {what} {shown!r}: backslash in name")
+    if name.startswith("/"):
+        raise UnsafeNameError(f"unsafe {what} {shown!r}: absolute path")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsafeNameError(f"unsafe {what} {shown!r}: not valid UTF-8") from exc
+    if len(encoded) > PATH_MAX:
+        raise UnsafeNameError(f"unsafe {what} {shown!r}: longer than {PATH_MAX} bytes")
+    parts: list[str] = []
+    for seg in name.split("/"):
+        if seg == "..":
+            raise UnsafeNameError(f"unsafe {what} {shown!r}: '..' would leave the model directory")
+        if seg in ("", "."):
+            if lenient:
+                continue
+            raise UnsafeNameError(f"unsafe {what} {shown!r}: empty or '.' path segment")
+        if len(seg.encode("utf-8")) > NAME_MAX:
+            raise UnsafeNameError(f"unsafe {what} {shown!r}: a segment is longer than {NAME_MAX} bytes")
+        parts.append(seg)
+    if not parts and not lenient:
+        raise UnsafeNameError(f"unsafe {what} {shown!r}: no file name")
+    return "/".join(parts)
+
+
+def join_under(root: Path, rel: str, what: str = "name") -> Path:
+    """`root / rel` for a `safe_relpath` result, refusing to pass through a symlink.
+
+    Each existing component below `root` is lstat'ed: a symlink planted in our tree (by a hostile
+    archive, a tampered cache or another user) is refused rather than followed.
+    """
+    rel = safe_relpath(rel, what, lenient=True)
+    path = root
+    for seg in rel.split("/") if rel else ():
+        path = path / seg
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return root / rel  # nothing below a missing component exists yet
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafeNameError(f"unsafe {what} {printable(rel)!r}: {printable(seg)!r} is a symlink")
+    return path
+
+
+def no_symlink(path: Path, what: str) -> Path:
+    """Refuse a path of our own tree (staging, model directory) that is a symlink."""
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise UnsafeNameError(f"{what} {printable(str(path))!r} is a symlink; refusing to follow it")
+    except FileNotFoundError:
+        pass
+    return path

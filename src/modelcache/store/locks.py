@@ -7,19 +7,30 @@ has not changed for `stale_after` seconds *as measured by the waiter's own monot
 clock skew between hosts sharing the volume cannot cause a false takeover. Takeover itself is
 serialised by a second O_EXCL file, so two waiters cannot both break the same lock and then
 delete each other's fresh one.
+
+On the same host a PID alone proves nothing (PIDs are reused, and containers share numbers): the
+owner's process start time is recorded too, and a lock whose heartbeat is older than `stale_after`
+by the (shared) wall clock is stale whatever its PID. A lock file whose content is not ours
+(garbage, truncated, tampered) is stale once it has not changed for `stale_after`, or is already
+that old: a live owner writes its content right after creating the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelcache.safepath import printable
+
 HOST = os.uname().nodename
+log = logging.getLogger("modelcache")
 
 
 @dataclass(frozen=True)
@@ -28,21 +39,55 @@ class LockInfo:
     host: str
     pid: int
     mtime_ns: int
+    start: int | None = None  # the owner's process start time (clock ticks since boot), if recorded
+    valid: bool = True  # False: the file's content is not a lock we wrote (token is a digest of it)
+
+
+def parse_lock(raw: bytes, mtime_ns: int) -> LockInfo:
+    """What a lock file's bytes say. Never raises: garbage is a LockInfo with valid=False."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        token, host, pid = data["token"], data["host"], data["pid"]
+        start = data.get("start")
+        if not (isinstance(token, str) and token and isinstance(host, str) and host):
+            raise ValueError("no token or host")
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 31:
+            raise ValueError("bad pid")
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
+            raise ValueError("bad start")
+        return LockInfo(token, host, pid, mtime_ns, start)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        return LockInfo(f"garbage:{digest}", "", 0, mtime_ns, valid=False)
 
 
 def read_lock(path: Path) -> LockInfo | None:
-    """Who holds the lock, or None when it is free (or being rewritten)."""
+    """Who holds the lock, or None when it is free."""
     try:
-        st = path.stat()
-        data = json.loads(path.read_text() or "{}")
-    except (FileNotFoundError, ValueError):
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = f.read(4096)
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return LockInfo(
-        str(data.get("token", "")), str(data.get("host", "")), int(data.get("pid", 0)), st.st_mtime_ns
-    )
+    except IsADirectoryError:
+        raw, st = b"<a directory>", path.stat()
+    return parse_lock(raw, st.st_mtime_ns)
 
 
-def _pid_alive(pid: int) -> bool:
+def process_start(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (Linux /proc), None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:  # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int, start: int | None = None) -> bool:
+    """Is the process that wrote the lock still running? A reused PID has another start time."""
     if pid <= 0:
         return False
     try:
@@ -50,8 +95,28 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if start is not None:
+        now = process_start(pid)
+        if now is not None and now != start:
+            return False
     return True
+
+
+def same_host_stale(info: LockInfo, alive: bool, now: float, stale_after: float) -> bool:
+    """Same host, same clock: stale when the owner is gone or its heartbeat stopped `stale_after` ago."""
+    return not alive or now - info.mtime_ns / 1e9 >= stale_after
+
+
+_my_start: dict[int, int | None] = {}
+
+
+def _own_start() -> int | None:
+    """This process's start time, per PID: a forked child must not record its parent's."""
+    pid = os.getpid()
+    if pid not in _my_start:
+        _my_start[pid] = process_start(pid)
+    return _my_start[pid]
 
 
 class FileLock:
@@ -104,14 +169,21 @@ class FileLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        record = {"token": self.token, "host": HOST, "pid": os.getpid(), "since": time.time()}
+        start = _own_start()
+        if start is not None:
+            record["start"] = start
         with os.fdopen(fd, "w") as f:
-            json.dump({"token": self.token, "host": HOST, "pid": os.getpid(), "since": time.time()}, f)
+            json.dump(record, f)
         self._start_heartbeat()
         return True
 
     def _is_stale(self, info: LockInfo) -> bool:
-        if info.host == HOST and not _pid_alive(info.pid):
-            return True
+        if info.valid and info.host == HOST:
+            if same_host_stale(info, _pid_alive(info.pid, info.start), time.time(), self.stale_after):
+                return True
+        elif not info.valid and time.time() - info.mtime_ns / 1e9 >= self.stale_after:
+            return True  # garbage nobody has touched for a while (by our clock; no live owner writes it)
         now = time.monotonic()
         if self._seen is None or self._seen[0] != info:
             self._seen = (info, now)
@@ -132,7 +204,14 @@ class FileLock:
         try:
             current = read_lock(self.path)
             if current is not None and current.token == stale.token:
-                with contextlib.suppress(FileNotFoundError):
+                if stale.valid:
+                    log.info("breaking stale lock %s (owner %s pid %d)", self.path, stale.host, stale.pid)
+                else:
+                    log.warning(
+                        "lock file %s has unreadable content (not a modelcache lock); treating it as stale",
+                        printable(str(self.path)),
+                    )
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     self.path.unlink()
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -175,10 +254,16 @@ class FileLock:
 
 
 def is_held(path: Path, stale_after: float = 15.0) -> bool:
-    """Best-effort: is someone alive holding this lock right now? (for `list` and eviction)"""
+    """Best-effort: is someone alive holding this lock right now? (for `list`, `rm` and eviction)
+
+    Same host: the owner process (PID and start time) is alive *and* its heartbeat is fresh, so a
+    reused PID cannot keep a model "in use" forever. Other hosts: the heartbeat is fresh. Garbage
+    content counts as held only while it is young (a lock being written is briefly empty).
+    """
     info = read_lock(path)
     if info is None:
         return False
-    if info.host == HOST:
-        return _pid_alive(info.pid)
-    return time.time() - info.mtime_ns / 1e9 < stale_after
+    now = time.time()
+    if info.valid and info.host == HOST:
+        return not same_host_stale(info, _pid_alive(info.pid, info.start), now, stale_after)
+    return now - info.mtime_ns / 1e9 < stale_after

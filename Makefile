@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration e2e bench apt-deps kube-apiserver clean
+.PHONY: demo test lint typecheck unit integration e2e bench apt-deps kube-apiserver clean crds
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: $(STAMP) apt-deps kube-apiserver
 
 bench: $(STAMP) apt-deps
 	$(BIN)/python bench/pull.py
+
+# Our CRDs, generated from src/modelcache/api, into every place that ships them (a unit test checks).
+crds: $(STAMP)
+	@for d in deploy/crds src/modelcache/data/crds charts/modelcache/crds; do \
+		$(BIN)/python -m modelcache.api.crd $$d; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo bench/work

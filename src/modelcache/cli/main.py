@@ -54,6 +54,11 @@ def _fast_path(argv: list[str]) -> int | None:
 def main() -> None:
     argv = sys.argv[1:]
     debug = "--debug" in argv or os.environ.get("MODELCACHE_DEBUG") == "1"
+    if argv and argv[0] in ("--version", "-V"):  # before typer: it has no app-level version option
+        from modelcache import __version__
+
+        sys.stdout.write(f"modelcache {__version__}\n")
+        sys.exit(0)
     try:
         code = _fast_path(argv)
         if code is None:

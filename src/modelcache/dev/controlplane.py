@@ -132,7 +132,7 @@ def repo_root() -> Path | None:
 
 
 def reference_dir() -> Path | None:
-    """`$MODELCACHE_REFERENCE_DIR`, else `<repo>/../shared/reference`."""
+    """`$MODELCACHE_REFERENCE_DIR`, else `<repo>/../shared/reference` (tests' seed documents only)."""
     env = os.environ.get("MODELCACHE_REFERENCE_DIR")
     if env:
         return Path(env).expanduser()
@@ -143,15 +143,18 @@ def reference_dir() -> Path | None:
 
 
 def default_manifest_dirs() -> list[Path]:
-    """KServe's reference CRDs first, then our `deploy/crds/` (whose CRDs replace same-named ones)."""
-    dirs = []
-    ref = reference_dir()
-    if ref is not None and (ref / "kserve-crds").is_dir():
-        dirs.append(ref / "kserve-crds")
-    root = repo_root()
-    if root is not None and (root / "deploy" / "crds").is_dir():
-        dirs.append(root / "deploy" / "crds")
-    return dirs
+    """KServe-side CRDs, then ours, both shipped in the package (no source tree or `../shared` needed).
+
+    `$MODELCACHE_REFERENCE_DIR` adds `<dir>/kserve-crds` after the shipped KServe copies (so a newer
+    KServe copy can be tried); ours still come last and replace same-named ones.
+    """
+    from modelcache import data
+
+    dirs = [data.kserve_crds_dir()]
+    env = os.environ.get("MODELCACHE_REFERENCE_DIR")
+    if env and (Path(env).expanduser() / "kserve-crds").is_dir():
+        dirs.append(Path(env).expanduser() / "kserve-crds")
+    return [*dirs, data.crds_dir()]
 
 
 @dataclass(frozen=True)
@@ -658,7 +661,7 @@ def up(
                 "modelcache-dev-admin",
             )
             if not dirs:
-                say("no CRD directories found (set MODELCACHE_REFERENCE_DIR); applying none")
+                say("no CRD directories given; applying none")
             info = _bootstrap(info, nodes, dirs, timeout)
             say(f"{len(info.crds)} CRDs established, {len(info.nodes)} nodes Ready")
             info = dataclasses.replace(info, started_at=_now())

@@ -23,8 +23,13 @@ class UnsafeNameError(IntegrityError):
 
 
 def printable(text: str, limit: int = 200) -> str:
-    """`text` for one line of output: control characters escaped, long text cut."""
-    out = "".join(c if (32 <= ord(c) < 127 or ord(c) >= 160) else repr(c)[1:-1] for c in text)
+    """`text` for one line of output: control characters escaped, long text cut.
+
+    Everything `str.isprintable` rejects is escaped: C0/C1 controls, line and paragraph separators,
+    bidi overrides and lone surrogates (undecodable bytes in tar names), any of which could split
+    a line, disguise a name or fail to encode on stderr.
+    """
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
@@ -41,7 +46,7 @@ def safe_relpath(name: object, what: str = "name", *, lenient: bool = False) -> 
     shown = printable(name)
     if not name and not lenient:
         raise UnsafeNameError(f"unsafe {what}: empty name")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):  # C0, DEL and C1 controls
         raise UnsafeNameError(f"unsafe {what} {shown!r}: control character in name")
     if "\\" in name:
         raise UnsafeNameError(f"unsafe {what} {shown!r}: backslash in name")

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -63,14 +64,22 @@ def parse_lock(raw: bytes, mtime_ns: int) -> LockInfo:
 
 def read_lock(path: Path) -> LockInfo | None:
     """Who holds the lock, or None when it is free."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            raw = f.read(4096)
+    try:  # never through a symlink, never blocking on a planted FIFO
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except IsADirectoryError:
-        raw, st = b"<a directory>", path.stat()
+    except OSError:  # a symlink (ELOOP), a directory, unreadable: not a lock we wrote
+        try:
+            return parse_lock(b"<not a regular file>", os.lstat(path).st_mtime_ns)
+        except OSError:
+            return None
+    try:
+        st = os.fstat(fd)
+        raw = os.read(fd, 4096) if stat.S_ISREG(st.st_mode) else b"<not a regular file>"
+    except OSError:
+        raw = b"<unreadable>"
+    finally:
+        os.close(fd)
     return parse_lock(raw, st.st_mtime_ns)
 
 

@@ -16,6 +16,7 @@ import typer
 
 from modelcache.errors import ConflictError, IntegrityError, NotFoundError, UsageError
 from modelcache.quantity import format_bytes, parse_quantity
+from modelcache.safepath import printable
 from modelcache.store import ModelRecord, Store
 from modelcache.uri import redact
 
@@ -42,6 +43,18 @@ class Globals:
 G = Globals()
 
 
+def _shown(uri: str) -> str:
+    """A URI for output: no secrets, no control characters (a tampered index may hold any)."""
+    return printable(redact(uri), 1000)
+
+
+class _TextFormatter(logging.Formatter):
+    """Log lines with control characters escaped, so a name cannot forge or split a line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record), 4000)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps(
@@ -64,7 +77,7 @@ def _globals(
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     elif log_format == "text":
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     else:
         raise typer.BadParameter("use text or json", param_hint="--log-format")
     root = logging.getLogger("modelcache")
@@ -171,6 +184,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON list of mod
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, pad_edge=False)
     for col in ("KEY", "STATE", "SIZE", "FILES", "LAST USED", "PIN"):
@@ -184,14 +198,15 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON list of mod
             str(r.file_count),
             _ago(r.last_used_at),
             "yes" if r.pinned else "",
-            redact(r.uri),
+            Text(_shown(r.uri)),  # Text: brackets in a URI are not rich markup
         )
     console = Console()
     if records:
         console.print(table)
     total = sum(r.size_bytes for r in records if r.state == "complete")
     console.print(
-        f"{sum(r.state == 'complete' for r in records)} model(s), {format_bytes(total)} in {G.store().root}"
+        f"{sum(r.state == 'complete' for r in records)} model(s), {format_bytes(total)} in {G.store().root}",
+        markup=False,
     )
 
 
@@ -200,17 +215,20 @@ def show(ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> 
     """Details of one cached model: files, sizes, checksums, revision."""
     store = G.store()
     rec = store.get(ref)
-    m = store.manifest(rec.key)
+    try:
+        m = store.manifest(rec.key)
+    except NotFoundError as exc:  # the model is there, its manifest is not: damage, not "not cached"
+        raise IntegrityError(f"manifest missing for {rec.key}; `modelcache rm --force {rec.key}`") from exc
     data = {**rec.as_dict(), "source": m.source, "files": [f.__dict__ for f in m.files]}
     if as_json:
         _emit_json(data)
         return
     for k in ("key", "uri", "path", "state", "revision", "pinned", "in_use"):
-        sys.stdout.write(f"{k:>10}: {data[k]}\n")
+        sys.stdout.write(f"{k:>10}: {printable(str(data[k]), 1000)}\n")
     sys.stdout.write(f"{'size':>10}: {format_bytes(rec.size_bytes)} in {rec.file_count} file(s)\n")
     sys.stdout.write(f"{'last used':>10}: {_ago(rec.last_used_at)}\n")
     for f in m.files:
-        sys.stdout.write(f"  {f.sha256[:16]}  {format_bytes(f.size):>10}  {f.path}\n")
+        sys.stdout.write(f"  {f.sha256[:16]}  {format_bytes(f.size):>10}  {printable(f.path, 1000)}\n")
 
 
 # -- change ------------------------------------------------------------------------------------
@@ -230,18 +248,34 @@ def rm(
         else:
             freed = store.remove_partial(key)
             sys.stdout.write(f"removed partial download {key} {format_bytes(freed)}\n")
-    recs = [store.get(r) for r in refs if r not in partial]
+    recs: list[ModelRecord] = []
+    damaged: list[str] = []  # e.g. a symlink planted at models/<key>: removable with --force only
+    for r in refs:
+        if r in partial:
+            continue
+        try:
+            recs.append(store.get(r))
+        except IntegrityError:
+            if not force:
+                raise
+            damaged.append(store.key_for(r))
     for rec in recs:
         if rec.pinned and not force:
-            raise ConflictError(f"{redact(rec.uri)} is pinned; unpin it or use --force")
+            raise ConflictError(f"{_shown(rec.uri)} is pinned; unpin it or use --force")
         if rec.in_use:
-            raise ConflictError(f"{redact(rec.uri)} is in use; stop its users first")
+            raise ConflictError(f"{_shown(rec.uri)} is in use; stop its users first")
+    for key in damaged:
+        if dry_run:
+            sys.stdout.write(f"would remove damaged {key}\n")
+        else:
+            store.remove(key, force=True)
+            sys.stdout.write(f"removed damaged {key}\n")
     for rec in recs:
         if dry_run:
-            sys.stdout.write(f"would remove {rec.key} {format_bytes(rec.size_bytes)} {redact(rec.uri)}\n")
+            sys.stdout.write(f"would remove {rec.key} {format_bytes(rec.size_bytes)} {_shown(rec.uri)}\n")
         else:
             store.remove(rec.key, force=force)
-            sys.stdout.write(f"removed {rec.key} {format_bytes(rec.size_bytes)} {redact(rec.uri)}\n")
+            sys.stdout.write(f"removed {rec.key} {format_bytes(rec.size_bytes)} {_shown(rec.uri)}\n")
 
 
 @app.command()
@@ -250,7 +284,7 @@ def pin(ref: str) -> None:
     store = G.store()
     rec = store.get(ref)
     store.set_pinned(rec.key, True)
-    sys.stdout.write(f"pinned {rec.key} {redact(rec.uri)}\n")
+    sys.stdout.write(f"pinned {rec.key} {_shown(rec.uri)}\n")
 
 
 @app.command()
@@ -259,7 +293,7 @@ def unpin(ref: str) -> None:
     store = G.store()
     rec = store.get(ref)
     store.set_pinned(rec.key, False)
-    sys.stdout.write(f"unpinned {rec.key} {redact(rec.uri)}\n")
+    sys.stdout.write(f"unpinned {rec.key} {_shown(rec.uri)}\n")
 
 
 @app.command()
@@ -279,9 +313,9 @@ def verify(
     for rec in recs:
         problems = store.verify(rec.key, full=full)
         status = "ok" if not problems else "FAILED"
-        sys.stdout.write(f"{status:>6} {rec.key} {redact(rec.uri)}\n")
+        sys.stdout.write(f"{status:>6} {rec.key} {_shown(rec.uri)}\n")
         for p in problems:
-            sys.stdout.write(f"         {p}\n")
+            sys.stdout.write(f"         {printable(p, 1000)}\n")
             bad.append(f"{rec.key}: {p}")
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

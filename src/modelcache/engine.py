@@ -22,6 +22,7 @@ from modelcache.errors import (
     InsufficientSpaceError,
     IntegrityError,
     ModelcacheError,
+    SnapshotMismatchError,
     SourceError,
     TransientSourceError,
 )
@@ -90,7 +91,8 @@ async def pull(
             raise ModelcacheError(f"timed out waiting for the lock on {redact(uri.uri)}")
     try:
         rec = store.lookup(uri.uri)
-        if rec is not None:  # the other process finished it
+        if rec is not None:  # the other process finished it: at the revision we want?
+            _check_revision(store, rec, options)
             store.touch(rec.key)
             return PullResult(rec, hit=True, seconds=time.monotonic() - t0, waited_for_other=waited)
         fetched, rec = await _download(
@@ -127,14 +129,13 @@ async def _download(
 ) -> tuple[int, ModelRecord]:
     source = open_source(uri, options)
     staging = store.staging_dir(uri.key)
+    shown = redact(uri.uri)  # what is kept at rest (state.json, manifest, index): never a secret
     fetched = 0
     try:
         snapshot = await resolve_with_retries(source, config, on_event)
         for attempt in (1, 2):
             dest = staging / ("download" if snapshot.archive else "files")
-            transfer = Transfer(
-                source, snapshot, staging, dest, uri=uri.uri, config=config, on_event=on_event
-            )
+            transfer = Transfer(source, snapshot, staging, dest, uri=shown, config=config, on_event=on_event)
             staging.mkdir(parents=True, exist_ok=True)
             needed = _remaining(transfer, snapshot) * (2 if snapshot.archive else 1)
             check_space(staging, needed)
@@ -142,21 +143,32 @@ async def _download(
                 digests = await transfer.run()
                 fetched += transfer.bytes_fetched
                 break
-            except IntegrityError:
+            except (IntegrityError, SnapshotMismatchError) as exc:
+                # Wrong bytes, or an origin that lied or changed under us: start afresh, once,
+                # from a new snapshot (never mix bytes of two versions).
                 fetched += transfer.bytes_fetched
-                store.clear_staging(uri.key)  # the bytes are wrong: start this model afresh, once
+                store.clear_staging(uri.key)
                 if attempt == 2:
                     raise
+                log.warning("%s: %s; starting again from a fresh snapshot", shown, exc)
+                if isinstance(exc, SnapshotMismatchError):
+                    snapshot = await resolve_with_retries(source, config, on_event)
         entries = await asyncio.to_thread(_finish_tree, source, staging, snapshot, digests)
+        checked = sum(1 for f in snapshot.files if f.sha256)
         manifest = Manifest(
             key=uri.key,
-            uri=uri.uri,
+            uri=shown,
             revision=snapshot.revision,
             created_at=time.time(),
             source={
                 "scheme": uri.scheme,
                 **snapshot.extra,
                 **({"archive": snapshot.archive} if snapshot.archive else {}),
+                # Whether the bytes were checked against the origin's own checksum (else: our
+                # sha256 of what arrived, with overlapping requests cross-checked).
+                "source_checksum": "all"
+                if checked == len(snapshot.files)
+                else ("some" if checked else "none"),
             },
             files=entries,
         )

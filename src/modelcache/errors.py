@@ -66,6 +66,14 @@ class TransientSourceError(SourceError):
     """A failure worth retrying (reset, timeout, 5xx, short body); SourceError once retries run out."""
 
 
+class SnapshotMismatchError(SourceError):
+    """A response does not belong to the snapshot we resolved: the origin lied or changed under us.
+
+    Not retried chunk by chunk (that would mix two versions of a file); the engine starts the model
+    again from a fresh snapshot once, then gives up with exit 6.
+    """
+
+
 class ConflictError(ModelcacheError):
     """The operation would break a promise: the model is pinned or in use."""
 

@@ -7,6 +7,11 @@ stores and CDNs; parallelism is what beats them). Progress within each chunk is 
 `state.json` after an fdatasync, so a kill -9 loses at most the last checkpoint interval.
 sha256 is computed while downloading: a hasher per file follows the contiguous written prefix and
 reads it back from the page cache, so verification costs almost no extra wall time.
+
+An origin that publishes no checksum can still change under us (or lie with one ETag for two
+contents): each ranged request of such a file starts `overlap` bytes early, and those bytes must
+equal what the neighbouring request wrote there (checked before the model is published). A read
+that makes no progress at `min_rate` over `stall_window` seconds is retried like a reset.
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from modelcache.errors import (
     InsufficientSpaceError,
     IntegrityError,
     ModelcacheError,
+    SnapshotMismatchError,
     SourceError,
     TransientSourceError,
 )
@@ -39,6 +45,8 @@ WRITE_BLOCK = 1 * MiB
 HASH_BLOCK = 4 * MiB
 MIN_STEAL = 16 * MiB  # split only chunks with this much left: a cut wastes what the server already sent
 STATE_FILE = "state.json"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +102,7 @@ class FileTask:
     chunks: list[Chunk]  # allocated so far; they tile [0, cursor)
     cursor: int = 0  # next byte not yet given to any chunk
     sha256: str | None = None  # ours, once hashed
+    claims: list[tuple[int, int, bytes]] = field(default_factory=list)  # (offset, length, sha256)
     fd: int = -1
     dirty: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -188,6 +197,9 @@ class TransferConfig:
     checkpoint_interval: float = 0.5
     limit_rate: int | None = None
     preallocate: bool = os.environ.get("MODELCACHE_PREALLOCATE", "1") != "0"
+    overlap: int = int(os.environ.get("MODELCACHE_OVERLAP", str(8 * 1024)))
+    stall_window: float = float(os.environ.get("MODELCACHE_STALL_WINDOW", "30"))
+    min_rate: int = int(os.environ.get("MODELCACHE_MIN_RATE", "1024"))  # bytes/s while waiting on the origin
 
 
 class Transfer:
@@ -268,24 +280,32 @@ class Transfer:
             self.tasks.append(task)
 
     def _open_files(self) -> None:
+        """Create, size and preallocate every file. No descriptor stays open: each write, hash and
+        sync opens the file for that one call (`_with_fd`), so a model with more files than the
+        open-file limit works, and open descriptors stay bounded by the thread pool."""
         for t in self.tasks:
             t.dest.parent.mkdir(parents=True, exist_ok=True)
-            t.fd = os.open(t.dest, os.O_RDWR | os.O_CREAT, 0o644)
             size = t.size
-            if size is None:
-                continue
             try:
-                if os.fstat(t.fd).st_size != size:
-                    os.ftruncate(t.fd, size)
+                fd = os.open(t.dest, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise _disk_error(exc, self.staging) from exc
+            try:
+                if size is None:
+                    continue
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
                 if self.config.preallocate and size > 0 and not t.complete():
                     try:
-                        os.posix_fallocate(t.fd, 0, size)
+                        os.posix_fallocate(fd, 0, size)
                     except OSError as exc:
                         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                             raise
                         # EOPNOTSUPP/EINVAL: the filesystem cannot preallocate; writes will tell.
             except OSError as exc:
                 raise _disk_error(exc, self.staging) from exc
+            finally:
+                os.close(fd)
 
     def _close_files(self) -> None:
         for t in self.tasks:
@@ -295,8 +315,8 @@ class Transfer:
 
     def _checkpoint(self) -> None:
         for t in self.tasks:
-            if t.dirty and t.fd >= 0:
-                os.fdatasync(t.fd)
+            if t.dirty:
+                _with_fd(t.dest, os.fdatasync)
                 t.dirty = False
         self._save_state()
 
@@ -328,6 +348,7 @@ class Transfer:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self._checkpoint)
             self._close_files()
+        await asyncio.to_thread(self._check_claims)
         result: dict[str, str] = {}
         for t in self.tasks:
             assert t.sha256 is not None
@@ -338,6 +359,21 @@ class Transfer:
             result[t.rf.path] = t.sha256
         self.on_event(ProgressEvent("done", nbytes=total, total=total))
         return result
+
+    def _check_claims(self) -> None:
+        """Overlapping bytes fetched by two requests must agree, or the origin changed under us."""
+        for t in self.tasks:
+            for offset, length, digest in t.claims:
+                fd = os.open(t.dest, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    on_disk = os.pread(fd, length, offset)
+                finally:
+                    os.close(fd)
+                if hashlib.sha256(on_disk).digest() != digest:
+                    raise SnapshotMismatchError(
+                        f"{t.rf.path}: two requests returned different bytes at offset {offset}: "
+                        "the origin changed under us (or serves one validator for two contents)"
+                    )
 
     async def _checkpoint_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -426,7 +462,7 @@ class Transfer:
                 if not t.ranged:  # cannot resume mid-file: start the stream again
                     c.done = 0
                     with contextlib.suppress(OSError):
-                        os.ftruncate(t.fd, 0)
+                        _with_fd(t.dest, os.ftruncate, 0)
                 delay = backoff(attempt, self.config.retry_base)
                 self.on_event(
                     ProgressEvent(
@@ -449,7 +485,7 @@ class Transfer:
             if limit <= 0:
                 return
             try:
-                await asyncio.to_thread(_pwritev_all, t.fd, batch, limit, pos)
+                await asyncio.to_thread(_with_fd, t.dest, _pwritev_all, batch, limit, pos)
             except OSError as exc:
                 raise _disk_error(exc, self.staging) from exc
             pos += limit
@@ -460,9 +496,20 @@ class Transfer:
 
         if c.end is not None and pos >= c.end:
             return
-        stream = self.source.read(t.rf, pos, c.end)
+        # No source checksum: start early and keep what the neighbour wrote there as a witness.
+        overlap = min(self.config.overlap, pos) if t.ranged and not t.rf.sha256 else 0
+        head = bytearray()
+        stream = self._guarded(self.source.read(t.rf, pos - overlap, c.end), t)
         async with contextlib.aclosing(stream):
             async for data in stream:
+                if len(head) < overlap:
+                    take = overlap - len(head)
+                    head += data[:take]
+                    data = data[take:]
+                    if len(head) == overlap:
+                        t.claims.append((pos - overlap, overlap, hashlib.sha256(head).digest()))
+                    if not data:
+                        continue
                 if self.limiter is not None:
                     await self.limiter.take(len(data))
                 self.bytes_fetched += len(data)
@@ -474,6 +521,35 @@ class Transfer:
                     await flush()
         await flush()
 
+    async def _guarded(self, stream: AsyncGenerator[bytes, None], t: FileTask) -> AsyncGenerator[bytes, None]:
+        """`stream`, failing as a retryable error when the origin stalls or trickles.
+
+        Only time spent waiting on the origin counts (not --limit-rate's sleeps), so a slow but
+        steady link passes and a 1 byte/s drip does not hold a connection forever.
+        """
+        window, min_rate = self.config.stall_window, self.config.min_rate
+        waited, got = 0.0, 0
+        async with contextlib.aclosing(stream):
+            while True:
+                t0 = time.monotonic()
+                try:
+                    async with asyncio.timeout(window):
+                        data = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise TransientSourceError(f"{t.rf.path}: no data for {window:g}s (stalled)") from None
+                waited += time.monotonic() - t0
+                got += len(data)
+                if waited >= window:
+                    if got < min_rate * waited:
+                        raise TransientSourceError(
+                            f"{t.rf.path}: stalled at {got / waited:.0f} B/s over {waited:.0f}s "
+                            f"(minimum {min_rate} B/s)"
+                        )
+                    waited, got = 0.0, 0
+                yield data
+
     # -- hashing -----------------------------------------------------------------------------
     async def _hasher(self, t: FileTask) -> None:
         if t.sha256 is not None:
@@ -484,12 +560,12 @@ class Transfer:
             if not t.ranged:
                 # A non-ranged stream may restart from zero on retry: hash once it is complete.
                 if t.complete():
-                    pos = await asyncio.to_thread(_hash_range, t.fd, h, 0, t.chunks[0].done)
+                    pos = await asyncio.to_thread(_with_fd, t.dest, _hash_range, h, 0, t.chunks[0].done)
                     break
             else:
                 prefix = t.contiguous()
                 if pos < prefix:
-                    pos = await asyncio.to_thread(_hash_range, t.fd, h, pos, prefix)
+                    pos = await asyncio.to_thread(_with_fd, t.dest, _hash_range, h, pos, prefix)
                     continue
                 if t.complete():
                     break
@@ -497,6 +573,15 @@ class Transfer:
             await t.changed.wait()
         t.sha256 = h.hexdigest()
         t.dirty = True
+
+
+def _with_fd(path: Path, fn: Callable[Concatenate[int, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """`fn(fd, ...)` on `path` opened for this one call (never through a symlink)."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return fn(fd, *args, **kwargs)
+    finally:
+        os.close(fd)
 
 
 def _pwritev_all(fd: int, pieces: list[bytes], limit: int, offset: int) -> None:

@@ -9,14 +9,18 @@ not URIs, so we turn them into `file://` + absolute path first.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from modelcache.errors import UsageError
+from modelcache.safepath import printable
 
 KEY_LENGTH = 16
+MAX_URI_LENGTH = 8192  # what common servers accept in a request line; longer is not a model URI
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _KEY_RE = re.compile(r"^[0-9a-f]{16}$")
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -72,7 +76,9 @@ def parse_uri(text: str) -> ModelURI:
     if not raw:
         raise UsageError("empty model URI")
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in raw):
-        raise UsageError(f"malformed URI {redact(raw)!r}: contains control characters")
+        raise UsageError(f"malformed URI {_shown(raw)!r}: contains control characters")
+    if len(raw) > MAX_URI_LENGTH:
+        raise UsageError(f"malformed URI {_shown(raw)!r}: longer than {MAX_URI_LENGTH} characters")
     m = _SCHEME_RE.match(raw)
     if m is None:
         if "://" in raw or (re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", raw) and not os.path.exists(raw)):
@@ -100,11 +106,33 @@ def parse_uri(text: str) -> ModelURI:
     elif scheme in ("http", "https"):
         if not parts.hostname or " " in parts.netloc:
             raise UsageError(f"malformed URI {redact(raw)!r}: no host")
+        if (why := host_problem(parts.hostname)) is not None:
+            raise UsageError(f"malformed URI {redact(raw)!r}: {why}")
         if parts.path in ("", "/"):
             raise UsageError(f"malformed URI {redact(raw)!r}: no path to a model file or archive")
     elif not parts.netloc and not parts.path.strip("/"):
         raise UsageError(f"malformed URI {redact(raw)!r}: nothing after {scheme}://")
     return ModelURI(uri=raw, scheme=scheme, host=parts.netloc, path=parts.path)
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` is neither an IP address nor a DNS name (RFC 1123 labels), or None."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return None
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return f"host name {printable(host)!r} is empty or longer than 253 characters"
+    for label in name.split("."):
+        if not _LABEL_RE.match(label):
+            return f"host name {printable(host)!r} has an invalid label {printable(label)!r}"
+    return None
+
+
+def _shown(raw: str) -> str:
+    return printable(redact(raw))
 
 
 def sub_path(storage_uri: str, cache_uri: str) -> str | None:
@@ -117,13 +145,40 @@ def sub_path(storage_uri: str, cache_uri: str) -> str | None:
     return None
 
 
+#: Query/fragment parameters whose values are secrets (signed URLs, API keys, OAuth codes).
 _SECRET_QUERY = re.compile(
-    r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|"
-    r"access_token|api_key|key|x-goog-signature|x-goog-credential|se|sp|sv|skoid)=)[^&#]*"
+    r"(?i)([?&;#](?:x-amz-[a-z0-9-]*|awsaccesskeyid|signature|sig|token|access_token|refresh_token|"
+    r"id_token|api_key|apikey|api-key|key|password|passwd|pwd|pass|secret|client_secret|code|"
+    r"x-goog-[a-z0-9-]*|googleaccessid|credential|auth|authorization|session|se|sp|sv|sr|st|skoid|"
+    r"sktid|skt|ske|sks|skv|sdd|sig)=)[^&#;]*"
 )
 
 
+def _userinfo_end(rest: str) -> int:
+    """Where the user-info of `rest` (the text after `scheme://`) ends at its '@', or -1.
+
+    Passwords are often written unescaped, with '/', '?', '#' or '@' in them, which a URL parser
+    reads as the start of the path: so the user-info is taken to run to the last '@' before the
+    first '/' that follows the first '@', as long as it holds a ':' or the authority holds an '@'.
+    """
+    at = rest.find("@")
+    if at < 0:
+        return -1
+    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    if at > authority_end and ":" not in rest[:at]:
+        return -1  # an '@' in a path (s3://bucket/key@v2) is not user-info
+    slash = rest.find("/", at)
+    limit = len(rest) if slash < 0 else slash
+    return rest.rfind("@", 0, limit)
+
+
 def redact(uri: str) -> str:
-    """A URI safe for logs, errors and status: no userinfo password, no signed query parameters."""
-    out = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/?#]*)@", lambda m: m.group(1) + "***@", uri)
-    return _SECRET_QUERY.sub(lambda m: m.group(1) + "***", out)
+    """A URI safe for logs, errors and status: no user-info, no signed or secret query parameters."""
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)", uri)
+    out = uri
+    if m is not None:
+        rest = uri[m.end() :]
+        end = _userinfo_end(rest)
+        if end >= 0:
+            out = m.group(1) + "***" + rest[end:]
+    return _SECRET_QUERY.sub(lambda g: g.group(1) + "***", out)

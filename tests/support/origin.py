@@ -387,6 +387,20 @@ class Origin:
         with self._lock:
             return self._bytes_by_path.get("/" + path.lstrip("/"), 0)
 
+    def overlap_bytes_for(self, path: str, overlap: int = 8192) -> int:
+        """Bytes served twice on purpose: each ranged GET of a file without a published checksum
+        starting past 0 re-reads up to `overlap` bytes its neighbour also fetched (a cross-check)."""
+        want = "/" + path.lstrip("/")
+        with self._lock:
+            starts = [
+                int(m.group(1))
+                for r in self._requests
+                if r.method == "GET" and r.path == want and r.range and r.status == 206
+                for m in [re.match(r"\s*bytes\s*=\s*(\d+)-", r.range)]
+                if m is not None
+            ]
+        return sum(min(overlap, s) for s in starts)
+
     def request_count(self, method: str, path: str) -> int:
         with self._lock:
             return self._request_counts.get((method.upper(), "/" + path.lstrip("/")), 0)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -51,10 +52,12 @@ import aiohttp
 from yarl import URL
 
 from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError, UsageError
+from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, archive_kind, select
 from modelcache.sources.gcs import b64_to_hex, listing_revision
-from modelcache.sources.http import _describe, status_error
+from modelcache.sources.transport import SnapshotMismatchError, ranged_get, status_error
+from modelcache.sources.transport import describe as _describe
 from modelcache.uri import ModelURI, redact
 
 READ_BLOCK = 1 << 20
@@ -176,7 +179,6 @@ class AzureBlobSource(AiohttpSource):
             segment = ep.path.strip("/").split("/", 1)[0]
             conn["AccountName"] = segment or (ep.hostname or "").split(".", 1)[0]
         self.target, uri_sas = self._parse(conn)
-        self.shown = redact(self.uri.uri)
         same_account = conn.get("AccountName", "").lower() == self.target.account.lower()
         self._key: bytes | None = None
         self._sas = ""
@@ -363,7 +365,7 @@ class AzureBlobSource(AiohttpSource):
                 continue  # a sibling such as PREFIX-v2/...
             if size == 0 or not rel or rel.endswith("/"):
                 continue  # folder markers and empty blobs, as KServe skips them
-            files.append(RemoteFile(path=rel, size=size, etag=etag, locator=name))
+            files.append(RemoteFile(path=safe_relpath(rel, "blob name"), size=size, etag=etag, locator=name))
             if md5:
                 md5s[name] = md5
         files = select(files, self.options.include, self.options.exclude)
@@ -386,25 +388,33 @@ class AzureBlobSource(AiohttpSource):
     async def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
         what = f"{self.shown} blob {f.locator!r}"
         extra: dict[str, str] = {}
-        ranged = not (start == 0 and end is None)
-        if ranged:
-            extra["x-ms-range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        stop = end if end is not None else f.size
+        if not (start == 0 and (stop is None or stop == f.size)):
+            extra["x-ms-range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
         if f.etag:
             extra["If-Match"] = f.etag
-        try:
-            path = "/" + quote(self.target.container, safe="") + "/" + quote(f.locator, safe="/~")
-            url, headers = await self._request(path, {}, extra)
-            async with self.session().get(url, headers=headers) as resp:
-                if resp.status == 412:
-                    raise SourceError(f"{what}: the blob changed during the download; pull again")
-                if resp.status not in (200, 206):
-                    raise self._error(resp.status, resp.headers.get("x-ms-error-code", ""), what)
-                if ranged and resp.status != 206:
-                    raise TransientSourceError(f"{what}: the server ignored the byte range")
-                async for block in resp.content.iter_chunked(READ_BLOCK):
-                    yield block
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransientSourceError(f"{what}: {_describe(exc)}") from exc
+        path = "/" + quote(self.target.container, safe="") + "/" + quote(f.locator, safe="/~")
+        url, headers = await self._request(path, {}, extra)  # signed over x-ms-range: sent as signed
+
+        def on_status(resp: aiohttp.ClientResponse) -> Exception:
+            if resp.status == 412:
+                return SnapshotMismatchError(f"{what}: the blob changed during the download")
+            return self._error(resp.status, resp.headers.get("x-ms-error-code", ""), what)
+
+        stream = ranged_get(
+            self.session(),
+            url,
+            f,
+            start,
+            end,
+            what=what,
+            secret=headers,
+            range_header="x-ms-range",
+            on_status=on_status,
+        )
+        async with contextlib.aclosing(stream):
+            async for block in stream:
+                yield block
 
 
 SOURCE = AzureBlobSource

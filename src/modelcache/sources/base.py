@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelcache.errors import IntegrityError
+from modelcache.safepath import printable
 from modelcache.store.manifest import FileEntry
-from modelcache.uri import ModelURI
+from modelcache.uri import ModelURI, redact
 
 ARCHIVE_SUFFIXES: dict[str, str] = {
     ".tar": "tar",
@@ -44,6 +45,7 @@ class RemoteFile:
     sha256: str | None = None
     etag: str | None = None
     locator: str = ""  # what the source needs to read it: URL, absolute path, object key
+    modified: str | None = None  # Last-Modified, where that is the only validator an origin gives
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,11 @@ class Source(ABC):
     def __init__(self, uri: ModelURI, options: SourceOptions) -> None:
         self.uri = uri
         self.options = options
+
+    @property
+    def shown(self) -> str:
+        """The URI as every message shows it: no password, no signed query, no control characters."""
+        return printable(redact(self.uri.uri), 300)
 
     @abstractmethod
     async def resolve(self) -> Snapshot:

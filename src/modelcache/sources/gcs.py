@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,9 +46,11 @@ import aiohttp
 from yarl import URL
 
 from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError, UsageError
+from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, archive_kind, select
-from modelcache.sources.http import _describe, status_error
+from modelcache.sources.transport import SnapshotMismatchError, ranged_get, status_error
+from modelcache.sources.transport import describe as _describe
 from modelcache.uri import ModelURI
 
 READ_BLOCK = 1 << 20
@@ -223,7 +227,7 @@ class GcsSource(AiohttpSource):
         rest = self.uri.uri.split("://", 1)[1]
         bucket, _, path = rest.partition("/")
         if not bucket or "?" in rest or "#" in rest:
-            raise UsageError(f"malformed URI {self.uri.uri!r}: expected gs://bucket[/prefix]")
+            raise UsageError(f"malformed URI {self.shown!r}: expected gs://bucket[/prefix]")
         self.bucket = bucket
         self.path = path  # the object name or prefix exactly as written (GCS names are raw strings)
         env: Mapping[str, str] = self.options.env
@@ -244,10 +248,6 @@ class GcsSource(AiohttpSource):
         self._metadata_host = env.get("GCE_METADATA_HOST", "").strip() or None
         # No credentials at all: try anonymous first (public buckets), the metadata server on 401/403.
         self._metadata_fallback = self._creds_file is None and self._metadata_host is None and not emulator
-
-    @property
-    def shown(self) -> str:
-        return self.uri.uri
 
     def _credentials(self) -> _TokenSource | None:
         if self._creds is None:
@@ -328,7 +328,7 @@ class GcsSource(AiohttpSource):
             nbytes = int(size) if size is not None else None
         except (TypeError, ValueError) as exc:
             raise SourceError(f"{self.shown}: object {name!r} has a bad size") from exc
-        return RemoteFile(path=rel, size=nbytes, etag=str(gen), locator=name)
+        return RemoteFile(path=safe_relpath(rel, "object name"), size=nbytes, etag=str(gen), locator=name)
 
     async def resolve(self) -> Snapshot:
         path = self.path
@@ -394,24 +394,25 @@ class GcsSource(AiohttpSource):
         params = {"alt": "media"}
         if f.etag:
             params["ifGenerationMatch" if not self.options.revision else "generation"] = f.etag
-        ranged = not (start == 0 and end is None)
-        try:
-            headers = await self._headers()
-            if ranged:
-                headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-            async with self.session().get(
-                self._url(self._object_url(f.locator, media=True), params), headers=headers
-            ) as resp:
-                if resp.status == 412:
-                    raise SourceError(f"{what}: the object changed during the download; pull again")
-                if resp.status not in (200, 206):
-                    raise self._error(resp.status, what)
-                if ranged and resp.status != 206:
-                    raise TransientSourceError(f"{what}: the server ignored the byte range")
-                async for block in resp.content.iter_chunked(READ_BLOCK):
-                    yield block
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransientSourceError(f"{what}: {_describe(exc)}") from exc
+
+        def on_status(resp: aiohttp.ClientResponse) -> Exception:
+            if resp.status == 412:
+                return SnapshotMismatchError(f"{what}: the object changed during the download")
+            return self._error(resp.status, what)
+
+        stream = ranged_get(
+            self.session(),
+            self._url(self._object_url(f.locator, media=True), params),
+            dataclasses.replace(f, etag=None),  # the generation is checked by GCS (412), not an ETag
+            start,
+            end,
+            what=what,
+            secret=await self._headers(),
+            on_status=on_status,
+        )
+        async with contextlib.aclosing(stream):
+            async for block in stream:
+                yield block
 
 
 SOURCE = GcsSource

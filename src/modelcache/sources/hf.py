@@ -14,12 +14,14 @@ synchronous, uses one process-wide session and falls back to the token file and 
 no token is given, while the node agent pulls many models at once, each with its own credentials.
 The protocol pieces used are small and stable: `/api/models/{repo}/revision/{rev}` (commit sha),
 `/api/models/{repo}/tree/{sha}?recursive=true` (paginated by `Link` header), and ranged GETs of
-`/{repo}/resolve/{sha}/{path}`, which redirect LFS/Xet files to a CDN. aiohttp drops the
-Authorization header on a redirect to another origin, so the token never reaches the CDN.
+`/{repo}/resolve/{sha}/{path}`, which redirect LFS/Xet files to a CDN. The token goes to the
+endpoint's own origin only (transport.send), so it never reaches the CDN.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -35,9 +37,11 @@ from modelcache.errors import (
     TransientSourceError,
     UsageError,
 )
+from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, select
-from modelcache.sources.http import READ_BLOCK, _describe, status_error
+from modelcache.sources.transport import describe as _describe
+from modelcache.sources.transport import ranged_get, status_error
 from modelcache.uri import ModelURI, redact
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -93,15 +97,6 @@ def hf_token(env: Mapping[str, str]) -> str | None:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.rsplit("@", 1)[-1].lower()
-
-
-def _safe_path(path: Any) -> str:
-    """A repo path we may join under the model directory (a hostile endpoint must not escape it)."""
-    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path or "\x00" in path:
-        raise SourceError(f"Hub listing has an unusable file path {str(path)[:200]!r}")
-    if any(seg in ("", ".", "..") for seg in path.split("/")):
-        raise SourceError(f"Hub listing has an unsafe file path {path[:200]!r}")
-    return path
 
 
 class HfSource(AiohttpSource):
@@ -213,7 +208,7 @@ class HfSource(AiohttpSource):
         return entry.get("type") == "file"
 
     def _file(self, entry: dict[str, Any], sha: str) -> RemoteFile:
-        path = _safe_path(entry.get("path"))
+        path = safe_relpath(entry.get("path"), "Hub file path")
         size, oid, sha256 = entry.get("size"), entry.get("oid"), None
         lfs = entry.get("lfs")
         if isinstance(lfs, dict):  # LFS: oid is the sha256 of the whole file, size the real size
@@ -236,23 +231,22 @@ class HfSource(AiohttpSource):
         return f.size is not None
 
     async def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
-        headers = self._headers(f.locator)
-        ranged = not (start == 0 and (end is None or end == f.size))
-        if ranged:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        what = f"{f.path}@{(self.commit or '')[:12]}"
-        try:
-            async with self.session().get(f.locator, headers=headers, allow_redirects=True) as resp:
-                if resp.status not in (200, 206):
-                    raise self._error(resp.status, resp.headers, f.path)
-                if ranged and resp.status != 206:
-                    raise TransientSourceError(f"{self.repo_id}: {what}: server ignored the byte range")
-                async for block in resp.content.iter_chunked(READ_BLOCK):
-                    yield block
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransientSourceError(f"{self.repo_id}: {what}: {_describe(exc)}") from exc
-        except ValueError as exc:  # e.g. a redirect to a URL aiohttp refuses
-            raise SourceError(f"{self.repo_id}: {what}: {type(exc).__name__}") from exc
+        what = f"{self.repo_id}: {f.path}@{(self.commit or '')[:12]}"
+        stream = ranged_get(
+            self.session(),
+            f.locator,
+            # The Hub's ETag is the oid on its own origin but the CDN's it redirects to: the LFS
+            # sha256 (or our own overlap check) guards the bytes instead.
+            dataclasses.replace(f, etag=None),
+            start,
+            end,
+            what=what,
+            secret=self._headers(f.locator),
+            on_status=lambda resp: self._error(resp.status, resp.headers, f.path),
+        )
+        async with contextlib.aclosing(stream):
+            async for block in stream:
+                yield block
 
 
 SOURCE = HfSource

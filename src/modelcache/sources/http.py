@@ -8,9 +8,9 @@ ever appears in messages (`redact`).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import re
 from collections.abc import AsyncGenerator
@@ -20,12 +20,12 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError, UsageError
+from modelcache.errors import SourceError, UsageError
+from modelcache.safepath import UnsafeNameError, safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, archive_kind
-from modelcache.uri import redact
+from modelcache.sources.transport import parse_content_range, ranged_get, send, status_error
 
-READ_BLOCK = 1 << 20
 _DIGEST_RE = re.compile(r"(?i)sha-256=:?([A-Za-z0-9+/=]+):?")
 
 
@@ -45,30 +45,20 @@ def _sha256_from_headers(headers: Any) -> str | None:
     return None
 
 
-def status_error(status: int, what: str) -> Exception:
-    """Map an HTTP status to our error tree; transient ones are retried by the engine."""
-    if status in (404, 410):
-        return NotFoundError(f"{what}: not found (HTTP {status})")
-    if status in (401, 403):
-        return AuthError(f"{what}: access denied (HTTP {status}); check credentials")
-    if status in (408, 425, 429) or status >= 500:
-        return TransientSourceError(f"{what}: HTTP {status}")
-    return SourceError(f"{what}: unexpected HTTP {status}")
-
-
 class HttpSource(AiohttpSource):
     @property
     def url(self) -> str:
         return self.uri.uri
 
-    @property
-    def shown(self) -> str:
-        return redact(self.uri.uri)
+    def _credentials(self) -> tuple[dict[str, str], aiohttp.BasicAuth | None]:
+        """KServe's `<host>-headers` (a JSON object), our bearer token, or URL user-info: one of them.
 
-    def _headers(self) -> dict[str, str]:
-        """KServe's `<host>-headers` (a JSON object, as its storage initializer reads it), then our token."""
-        headers: dict[str, str] = {}
-        host = urlsplit(self.url).hostname or ""
+        All of them go to the URI's own origin only (see transport.send). Two ways to say who we are
+        at once is ambiguous, so it is refused (exit 2) rather than one silently winning.
+        """
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        secret: dict[str, str] = {}
         raw = self.options.env.get(f"{host}-headers")
         if raw:
             try:
@@ -77,18 +67,21 @@ class HttpSource(AiohttpSource):
                 raise UsageError(f"{host}-headers must be a JSON object of header names to values") from exc
             if not isinstance(extra, dict):
                 raise UsageError(f"{host}-headers must be a JSON object of header names to values")
-            headers.update({str(k): str(v) for k, v in extra.items()})
+            secret.update({str(k): str(v) for k, v in extra.items()})
+        sources = []
+        if any(k.lower() == "authorization" for k in secret):
+            sources.append(f"an Authorization header in {host}-headers")
         token = self.options.env.get("MODELCACHE_HTTP_BEARER_TOKEN")
         if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
-
-    def session_kwargs(self) -> dict[str, Any]:
-        parts = urlsplit(self.url)
+            sources.append("MODELCACHE_HTTP_BEARER_TOKEN")
+            secret["Authorization"] = f"Bearer {token}"
         auth = None
         if parts.username is not None:
+            sources.append("user-info in the URL")
             auth = aiohttp.BasicAuth(unquote(parts.username), unquote(parts.password or ""))
-        return {"auth": auth, "headers": self._headers()}
+        if len(sources) > 1:
+            raise UsageError(f"{self.shown}: credentials given twice ({' and '.join(sources)}); use one")
+        return secret, auth
 
     def _request_url(self) -> str:
         parts = urlsplit(self.url)
@@ -97,34 +90,56 @@ class HttpSource(AiohttpSource):
         netloc = parts.netloc.rsplit("@", 1)[1]
         return parts._replace(netloc=netloc).geturl()
 
-    async def resolve(self) -> Snapshot:
+    def file_name(self) -> str:
+        """The file's name: the URL's last path segment, decoded, and checked like any external name."""
+        segment = urlsplit(self.url).path.rstrip("/").rsplit("/", 1)[-1]
+        name = unquote(segment, errors="strict") if segment else "model"
         try:
-            async with self.session().head(self._request_url(), allow_redirects=True) as resp:
-                status, headers = resp.status, resp.headers
-            if status in (405, 501):  # HEAD not allowed: ask for one byte instead
-                async with self.session().get(
-                    self._request_url(), headers={"Range": "bytes=0-0"}, allow_redirects=True
-                ) as resp:
-                    status, headers = resp.status, resp.headers
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransientSourceError(f"{self.shown}: {_describe(exc)}") from exc
+            return safe_relpath(name, "file name in the URL")
+        except UnsafeNameError as exc:
+            raise UsageError(f"{self.shown}: {exc.message}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{self.shown}: the file name in the URL is not valid UTF-8") from None
+
+    async def resolve(self) -> Snapshot:
+        name = self.file_name()
+        secret, auth = self._credentials()
+        url = self._request_url()
+        resp = await send(self.session(), "HEAD", url, what=self.shown, secret=secret, auth=auth)
+        resp.release()
+        status, headers = resp.status, resp.headers
+        if status in (405, 501):  # HEAD not allowed: ask for one byte instead
+            resp = await send(
+                self.session(),
+                "GET",
+                url,
+                what=self.shown,
+                headers={"Range": "bytes=0-0"},
+                secret=secret,
+                auth=auth,
+            )
+            resp.release()
+            status, headers = resp.status, resp.headers
         if status not in (200, 206):
             raise status_error(status, self.shown)
         size: int | None = None
         ranges = headers.get("Accept-Ranges", "").lower() == "bytes"
         if status == 206:
-            cr = headers.get("Content-Range", "")
-            total = cr.rsplit("/", 1)[-1]
-            size = int(total) if total.isdigit() else None
+            cr = parse_content_range(headers.get("Content-Range", ""))
+            if cr is None or cr[0] != 0 or cr[2] is None:
+                raise SourceError(
+                    f"{self.shown}: the server answered a 1-byte probe with a bad Content-Range"
+                )
+            size = cr[2]
             ranges = True
-        elif headers.get("Content-Length", "").isdigit() and not headers.get("Content-Encoding"):
+        elif headers.get("Content-Length", "").strip().isdigit() and not headers.get("Content-Encoding"):
             size = int(headers["Content-Length"])
         etag = headers.get("ETag")
-        name = unquote(urlsplit(self.url).path.rstrip("/").rsplit("/", 1)[-1]) or "model"
+        modified = headers.get("Last-Modified")
         revision = etag
-        if revision is None and headers.get("Last-Modified"):
+        if revision is None and modified:
             try:
-                revision = parsedate_to_datetime(headers["Last-Modified"]).isoformat()
+                revision = parsedate_to_datetime(modified).isoformat()
             except (TypeError, ValueError):
                 revision = None
         f = RemoteFile(
@@ -133,6 +148,7 @@ class HttpSource(AiohttpSource):
             sha256=_sha256_from_headers(headers),
             etag=etag,
             locator="ranges" if ranges and size is not None else "",
+            modified=modified,
         )
         return Snapshot((f,), revision=revision, archive=archive_kind(name))
 
@@ -140,39 +156,23 @@ class HttpSource(AiohttpSource):
         return f.locator == "ranges"
 
     async def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
-        headers: dict[str, str] = {}
-        ranged = self.supports_ranges(f) and not (start == 0 and end is None)
-        if ranged:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-            if f.etag and not f.etag.startswith("W/"):
-                headers["If-Range"] = f.etag
-        try:
-            async with self.session().get(self._request_url(), headers=headers, allow_redirects=True) as resp:
-                if resp.status not in (200, 206):
-                    raise status_error(resp.status, self.shown)
-                if ranged and resp.status != 206:
-                    # Range ignored, or If-Range failed because the object changed under us.
-                    raise TransientSourceError(
-                        f"{self.shown}: server ignored the byte range (object changed?)"
-                    )
-                async for block in resp.content.iter_chunked(READ_BLOCK):
-                    yield block
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransientSourceError(f"{self.shown}: {_describe(exc)}") from exc
-
-
-def _describe(exc: BaseException) -> str:
-    """A short reason without the URL (which may carry credentials) and without a traceback."""
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "connection broke mid-body (truncated response)"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected"
-    text = str(exc).split("\n", 1)[0]
-    return f"{type(exc).__name__}: {redact(text)}" if text else type(exc).__name__
+        secret, auth = self._credentials()
+        if not self.supports_ranges(f) and start:
+            raise SourceError(f"{self.shown}: cannot resume: the server does not serve byte ranges")
+        stream = ranged_get(
+            self.session(),
+            self._request_url(),
+            f,
+            start,
+            end,
+            what=self.shown,
+            secret=secret,
+            auth=auth,
+            if_range=True,
+        )
+        async with contextlib.aclosing(stream):
+            async for block in stream:
+                yield block
 
 
 SOURCE = HttpSource

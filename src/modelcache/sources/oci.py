@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -58,7 +59,8 @@ from modelcache.errors import (
 )
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, select
-from modelcache.sources.http import _describe, status_error
+from modelcache.sources.transport import Expect, checked_body, status_error
+from modelcache.sources.transport import describe as _describe
 from modelcache.store.manifest import FileEntry
 from modelcache.uri import ModelURI
 
@@ -492,20 +494,13 @@ class OciSource(AiohttpSource):
                 raise self._denied(what, 403)
             if resp.status not in (200, 206):
                 raise status_error(resp.status, what)
-            skip = start if ranged and resp.status == 200 else 0  # range ignored: skip, then stop at end
-            left = None if end is None else end - start
-            async for block in resp.content.iter_chunked(READ_BLOCK):
-                if skip:
-                    cut = min(skip, len(block))
-                    block, skip = block[cut:], skip - cut
-                    if not block:
-                        continue
-                if left is not None:
-                    block = block[:left]
-                    left -= len(block)
-                yield block
-                if left == 0:
-                    break
+            # Blobs are digest-verified too, but a server that ignores the range is refused as
+            # everywhere else rather than skipped over (one rule: transport.check_response).
+            stop = end if end is not None else f.size
+            body = checked_body(resp, Expect(start, stop, f.size, ranged), what)
+            async with contextlib.aclosing(body):
+                async for block in body:
+                    yield block
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{what}: {_describe(exc)}") from exc
         finally:

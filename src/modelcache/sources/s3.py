@@ -53,7 +53,7 @@ from modelcache.errors import (
     UsageError,
 )
 from modelcache.sources.base import RemoteFile, Snapshot, Source, archive_kind, select
-from modelcache.sources.http import status_error
+from modelcache.sources.transport import status_error
 from modelcache.uri import redact
 
 if TYPE_CHECKING:

@@ -125,32 +125,67 @@ class Cluster:
 
 
 # -- small accessors ------------------------------------------------------------------------------
-def _meta(obj: Mapping[str, Any] | None) -> Obj:
-    return dict((obj or {}).get("metadata") or {})
+# Input is hostile until checked: the apiserver sends typed objects, but anything that can reach
+# the port can send any JSON, so every read tolerates a wrong type there (it reads as absent).
+def _dict(value: Any) -> Obj:
+    return value if isinstance(value, dict) else {}
 
 
-def _labels(obj: Mapping[str, Any] | None) -> dict[str, str]:
-    return dict(_meta(obj).get("labels") or {})
+def _dicts(value: Any) -> list[Obj]:
+    """The objects in a list (anything else in it, or a non-list, reads as nothing)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
-def _annotations(obj: Mapping[str, Any] | None) -> dict[str, str]:
-    return dict(_meta(obj).get("annotations") or {})
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
-def _name(obj: Mapping[str, Any] | None) -> str:
-    return str(_meta(obj).get("name") or "")
+def _strs(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-def _namespace(obj: Mapping[str, Any] | None) -> str:
-    return str(_meta(obj).get("namespace") or "")
+def _str_map(value: Any) -> dict[str, str]:
+    return {k: v for k, v in _dict(value).items() if isinstance(v, str)}
 
 
-def _spec(obj: Mapping[str, Any] | None) -> Obj:
-    return dict((obj or {}).get("spec") or {})
+def request_kind(request: Mapping[str, Any]) -> str:
+    """The kind under review ('' when the request does not say)."""
+    return _str(_dict(request.get("kind")).get("kind"))
 
 
-def _deleting(obj: Mapping[str, Any]) -> bool:
+def _meta(obj: Any) -> Obj:
+    return dict(_dict(_dict(obj).get("metadata")))
+
+
+def _labels(obj: Any) -> dict[str, str]:
+    return _str_map(_meta(obj).get("labels"))
+
+
+def _annotations(obj: Any) -> dict[str, str]:
+    return _str_map(_meta(obj).get("annotations"))
+
+
+def _name(obj: Any) -> str:
+    return _str(_meta(obj).get("name"))
+
+
+def _namespace(obj: Any) -> str:
+    return _str(_meta(obj).get("namespace"))
+
+
+def _spec(obj: Any) -> Obj:
+    return dict(_dict(_dict(obj).get("spec")))
+
+
+def _deleting(obj: Any) -> bool:
     return bool(_meta(obj).get("deletionTimestamp"))
+
+
+def _path(obj: Any, *keys: str) -> Any:
+    """obj[k1][k2]... where every step is an object, else None."""
+    for key in keys:
+        obj = _dict(obj).get(key)
+    return obj
 
 
 def _by_name(objs: Iterable[Obj]) -> list[Obj]:
@@ -177,7 +212,7 @@ def deny(message: str, code: int = 403) -> Decision:
 # -- entry point ----------------------------------------------------------------------------------
 def review(request: Mapping[str, Any], cluster: Cluster, options: Options | None = None) -> Decision:
     """Dispatch on the request's kind; kinds we do not handle are allowed untouched."""
-    kind = (request.get("kind") or {}).get("kind")
+    kind = request_kind(request)
     if kind in CACHE_KINDS:
         return validate_cache(request, cluster)
     if kind == "LocalModelNodeGroup":
@@ -187,6 +222,86 @@ def review(request: Mapping[str, Any], cluster: Cluster, options: Options | None
     if kind == "Pod":
         return mutate_pod(request, cluster, options or Options())
     return Decision()
+
+
+class MalformedReview(ValueError):
+    """The body is not an AdmissionReview we can answer; `reason` is one line, safe to show."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+#: Deeper JSON is refused before any decision walks it. Kubernetes objects are rarely deeper than
+#: 30 (managedFields included); our recursive helpers stay far below Python's recursion limit.
+MAX_DEPTH = 100
+REVIEW_API_VERSION = "admission.k8s.io/v1"
+
+
+def _too_deep(doc: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _shown(value: Any) -> str:
+    """A short, escaped rendering of a value from the request, for a reason line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_review(body: bytes) -> Obj:
+    """The `request` of an admission.k8s.io/v1 AdmissionReview, checked just enough that every
+    decision can read it: an object with a string uid, kind and operation; object/oldObject
+    objects or null; name/namespace strings. Anything else is `MalformedReview`: the server answers
+    HTTP 400, since without a well-formed request (and its uid) there is no AdmissionReview to
+    answer with, and the apiserver never sends such a body (it applies its failurePolicy)."""
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        raise MalformedReview(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    except UnicodeDecodeError:
+        raise MalformedReview("body is not UTF-8 JSON") from None
+    except ValueError as exc:
+        raise MalformedReview(f"body is not JSON: {str(exc).splitlines()[0][:120]}") from None
+    if not isinstance(doc, dict):
+        raise MalformedReview(f"expected an AdmissionReview object, got {type(doc).__name__}")
+    if _too_deep(doc, MAX_DEPTH):
+        raise MalformedReview(f"JSON nested deeper than {MAX_DEPTH} levels")
+    api_version, kind = doc.get("apiVersion"), doc.get("kind")
+    if api_version is not None and api_version != REVIEW_API_VERSION:
+        raise MalformedReview(f"apiVersion {_shown(api_version)} is not {REVIEW_API_VERSION}")
+    if kind is not None and kind != "AdmissionReview":
+        raise MalformedReview(f"kind {_shown(kind)} is not AdmissionReview")
+    request = doc.get("request")
+    if not isinstance(request, dict):
+        raise MalformedReview(f"request must be an object, got {type(request).__name__}")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise MalformedReview("request.uid must be a non-empty string")
+    gvk = request.get("kind")
+    if not isinstance(gvk, dict) or not all(isinstance(gvk.get(k, ""), str) for k in ("group", "version")):
+        raise MalformedReview("request.kind must be an object with string group, version and kind")
+    if not isinstance(gvk.get("kind"), str):
+        raise MalformedReview("request.kind must be an object with string group, version and kind")
+    if not isinstance(request.get("operation"), str):
+        raise MalformedReview("request.operation must be a string")
+    for key in ("name", "namespace"):
+        if not isinstance(request.get(key, ""), str):
+            raise MalformedReview(f"request.{key} must be a string")
+    for key in ("object", "oldObject"):
+        if not isinstance(request.get(key), dict | None):
+            raise MalformedReview(f"request.{key} must be an object or null")
+    if not isinstance(request.get("dryRun", False), bool):
+        raise MalformedReview("request.dryRun must be a boolean")
+    return request
 
 
 def admission_response(uid: str, decision: Decision) -> Obj:
@@ -236,15 +351,15 @@ def _cache_label(kind: str, namespace: str, name: str) -> str:
 
 def validate_cache(request: Mapping[str, Any], cluster: Cluster) -> Decision:
     op = request.get("operation")
-    kind = str((request.get("kind") or {}).get("kind"))
+    kind = request_kind(request)
     if op == "DELETE":
-        old = request.get("oldObject") or {}
-        return _validate_cache_delete(old, kind, str(request.get("namespace") or _namespace(old)), cluster)
-    obj: Obj = dict(request.get("object") or {})
+        old = _dict(request.get("oldObject"))
+        return _validate_cache_delete(old, kind, _str(request.get("namespace")) or _namespace(old), cluster)
+    obj: Obj = dict(_dict(request.get("object")))
     if kind == "LocalModelNamespaceCache" and not _namespace(obj):
-        obj.setdefault("metadata", {})["namespace"] = request.get("namespace") or ""
+        obj["metadata"] = {**_meta(obj), "namespace": _str(request.get("namespace"))}
     if op == "UPDATE":
-        old = request.get("oldObject") or {}
+        old = _dict(request.get("oldObject"))
         if _deleting(obj):
             return Decision()  # finalizer removal must always pass, even if groups are gone
         before, after = _spec(old).get("sourceModelUri"), _spec(obj).get("sourceModelUri")
@@ -279,7 +394,7 @@ def _cache_spec_problems(obj: Obj, kind: str, cluster: Cluster) -> list[str]:
     if size is None:
         problems.append(f"spec.modelSize {spec.get('modelSize')!r} is not a quantity such as 10Gi")
     groups = spec.get("nodeGroups") or []
-    if not isinstance(groups, list) or not groups:
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
         problems.append("spec.nodeGroups must name at least one LocalModelNodeGroup")
         groups = []
     missing = [g for g in groups if g not in cluster.node_groups]
@@ -315,10 +430,10 @@ def _committed(
             if (
                 _cache_id(cache, kind) == exclude
                 or _deleting(cache)
-                or group not in (spec.get("nodeGroups") or [])
+                or group not in _strs(spec.get("nodeGroups"))
             ):
                 continue
-            key = storage_key(str(spec.get("sourceModelUri") or ""))
+            key = storage_key(_str(spec.get("sourceModelUri")))
             by_key[key] = max(by_key.get(key, 0), _quantity(spec.get("modelSize")) or 0)
             ns = _namespace(cache) if kind == "LocalModelNamespaceCache" else ""
             names.append(f"{ns}/{_name(cache)}" if ns else _name(cache))
@@ -397,7 +512,7 @@ def cache_users(name: str, cache_ns: str | None, cluster: Cluster) -> list[str]:
     ns_cache_names = {(_namespace(c), _name(c)) for c in cluster.namespace_caches}
     for pod in _by_name(cluster.pods):
         ns = _namespace(pod)
-        phase = (pod.get("status") or {}).get("phase")
+        phase = _path(pod, "status", "phase")
         if _deleting(pod) or phase in ("Succeeded", "Failed") or (cache_ns and ns != cache_ns):
             continue
         used = _uses(_labels(pod), name, cache_ns)
@@ -413,7 +528,7 @@ def cache_users(name: str, cache_ns: str | None, cluster: Cluster) -> list[str]:
 def validate_node_group(request: Mapping[str, Any], cluster: Cluster) -> Decision:
     if request.get("operation") not in ("CREATE", "UPDATE"):
         return Decision()
-    obj: Obj = dict(request.get("object") or {})
+    obj: Obj = dict(_dict(request.get("object")))
     if request.get("operation") == "UPDATE" and (
         _deleting(obj) or _spec(obj) == _spec(request.get("oldObject"))
     ):
@@ -423,19 +538,18 @@ def validate_node_group(request: Mapping[str, Any], cluster: Cluster) -> Decisio
     limit = _quantity(spec.get("storageLimit"))
     if limit is None:
         problems.append(f"spec.storageLimit {spec.get('storageLimit')!r} is not a quantity such as 100Gi")
-    pv = spec.get("persistentVolumeSpec") or {}
-    if not any((pv.get(src) or {}).get("path") for src in ("local", "hostPath")):
+    pv = _dict(spec.get("persistentVolumeSpec"))
+    if not any(_str(_path(pv, src, "path")) for src in ("local", "hostPath")):
         problems.append("spec.persistentVolumeSpec needs a local or hostPath source with a path")
-    terms = (((pv.get("nodeAffinity") or {}).get("required") or {}).get("nodeSelectorTerms")) or []
+    terms = _dicts(_path(pv, "nodeAffinity", "required", "nodeSelectorTerms"))
     if not terms:
         problems.append(
             "spec.persistentVolumeSpec.nodeAffinity.required.nodeSelectorTerms must select the group's nodes"
         )
-    capacity = (pv.get("capacity") or {}).get("storage")
+    capacity = _path(pv, "capacity", "storage")
     if capacity is not None and _quantity(capacity) is None:
         problems.append(f"spec.persistentVolumeSpec.capacity.storage {capacity!r} is not a quantity")
-    pvc = spec.get("persistentVolumeClaimSpec") or {}
-    request_size = ((pvc.get("resources") or {}).get("requests") or {}).get("storage")
+    request_size = _path(spec, "persistentVolumeClaimSpec", "resources", "requests", "storage")
     if request_size is not None and _quantity(request_size) is None:
         problems.append(
             f"spec.persistentVolumeClaimSpec.resources.requests.storage {request_size!r} is not a quantity"
@@ -459,19 +573,17 @@ def workload_storage_uri(obj: Mapping[str, Any], kind: str) -> str | None:
     """The model URI KServe matches caches against (predictor implementation / spec.model.uri)."""
     spec = _spec(obj)
     if kind == "LLMInferenceService":
-        uri = (spec.get("model") or {}).get("uri")
-        return uri if isinstance(uri, str) and uri else None
-    predictor = spec.get("predictor") or {}
+        return _str(_path(spec, "model", "uri")) or None
+    predictor = _dict(spec.get("predictor"))
     for framework in PREDICTOR_FRAMEWORKS:
         impl = predictor.get(framework)
         if impl is not None:
-            uri = (impl or {}).get("storageUri")
-            return uri if isinstance(uri, str) and uri else None
-    containers = predictor.get("containers") or []
+            return _str(_dict(impl).get("storageUri")) or None
+    containers = _dicts(predictor.get("containers"))
     main = next((c for c in containers if c.get("name") == KSERVE_CONTAINER), None)
-    if main is None and containers and not any(c.get("name") == KSERVE_CONTAINER for c in containers):
+    if main is None and containers:
         main = containers[0]
-    for env in (main or {}).get("env") or []:
+    for env in _dicts(_dict(main).get("env")):
         if env.get("name") == STORAGE_URI_ENV:
             value = env.get("value")
             return value if isinstance(value, str) and value else None
@@ -500,7 +612,7 @@ def match_cache(
             continue
         spec = _spec(cache)
         source = spec.get("sourceModelUri")
-        groups = spec.get("nodeGroups") or []
+        groups = _strs(spec.get("nodeGroups"))
         if not isinstance(source, str) or not groups or sub_path(storage_uri, source) is None:
             continue
         if node_group is not None and node_group not in groups:
@@ -511,9 +623,9 @@ def match_cache(
 
 
 def _set_local_model_metadata(obj: Obj, match: CacheMatch | None) -> None:
-    meta = obj.setdefault("metadata", {})
-    labels = dict(meta.get("labels") or {})
-    annotations = dict(meta.get("annotations") or {})
+    meta = obj["metadata"] = _meta(obj)
+    labels = dict(_dict(meta.get("labels")))
+    annotations = dict(_dict(meta.get("annotations")))
     for key in (LOCALMODEL_LABEL, LOCALMODEL_NAMESPACE_LABEL):
         labels.pop(key, None)
     for key in (LOCALMODEL_SOURCEURI_ANNOTATION, LOCALMODEL_PVC_ANNOTATION):
@@ -535,9 +647,9 @@ def mutate_workload(request: Mapping[str, Any], cluster: Cluster) -> Decision:
     """Label an (LLM)InferenceService with the cache serving its model, or clear stale labels."""
     if request.get("operation") not in ("CREATE", "UPDATE"):
         return Decision()
-    obj: Obj = request.get("object") or {}
-    kind = str((request.get("kind") or {}).get("kind"))
-    namespace = _namespace(obj) or str(request.get("namespace") or "")
+    obj: Obj = _dict(request.get("object"))
+    kind = request_kind(request)
+    namespace = _namespace(obj) or _str(request.get("namespace"))
     annotations = _annotations(obj)
     match = None
     if cluster.local_model_config.enabled and DISABLE_LOCALMODEL_ANNOTATION not in annotations:
@@ -586,7 +698,7 @@ def _find_cache(name: str, namespace: str, cluster: Cluster) -> tuple[Obj, str |
 
 
 def _container_names(pod: Obj) -> list[str]:
-    return [str(c.get("name")) for c in (_spec(pod).get("containers") or [])]
+    return [_str(c.get("name")) for c in _dicts(_spec(pod).get("containers"))]
 
 
 def _pod_storage_uri(pod: Obj) -> str | None:
@@ -595,22 +707,22 @@ def _pod_storage_uri(pod: Obj) -> str | None:
     if uri:
         return uri
     spec = _spec(pod)
-    for init in spec.get("initContainers") or []:
-        if init.get("name") == STORAGE_INITIALIZER_CONTAINER and init.get("args"):
-            return str(init["args"][0])
-    for container in spec.get("containers") or []:
+    for init in _dicts(spec.get("initContainers")):
+        if init.get("name") == STORAGE_INITIALIZER_CONTAINER and _strs(init.get("args")):
+            return _strs(init.get("args"))[0]
+    for container in _dicts(spec.get("containers")):
         if container.get("name") == KSERVE_CONTAINER:
-            for env in container.get("env") or []:
-                if env.get("name") == STORAGE_URI_ENV and env.get("value"):
-                    return str(env["value"])
+            for env in _dicts(container.get("env")):
+                if env.get("name") == STORAGE_URI_ENV and _str(env.get("value")):
+                    return _str(env.get("value"))
     return None
 
 
 def _nodes_in_group(nodes: list[Obj], group: Obj | None) -> list[Obj]:
     if group is None:
         return nodes
-    pv = _spec(group).get("persistentVolumeSpec") or {}
-    terms = (((pv.get("nodeAffinity") or {}).get("required") or {}).get("nodeSelectorTerms")) or []
+    pv = _spec(group).get("persistentVolumeSpec")
+    terms = _dicts(_path(pv, "nodeAffinity", "required", "nodeSelectorTerms"))
     return [n for n in nodes if node_matches(n, terms)] if terms else nodes
 
 
@@ -620,7 +732,7 @@ def node_matches(node: Mapping[str, Any], terms: list[Obj]) -> bool:
     fields = {"metadata.name": _name(node)}
 
     def req_ok(req: Mapping[str, Any], values: Mapping[str, str]) -> bool:
-        key, op, want = req.get("key", ""), req.get("operator"), list(req.get("values") or [])
+        key, op, want = _str(req.get("key")), req.get("operator"), _strs(req.get("values"))
         have = values.get(key)
         if op == "In":
             return have in want
@@ -639,8 +751,8 @@ def node_matches(node: Mapping[str, Any], terms: list[Obj]) -> bool:
         return False
 
     for term in terms:
-        exprs = term.get("matchExpressions") or []
-        field_exprs = term.get("matchFields") or []
+        exprs = _dicts(term.get("matchExpressions"))
+        field_exprs = _dicts(term.get("matchFields"))
         if not exprs and not field_exprs:
             continue  # an empty term matches nothing
         if all(req_ok(r, labels) for r in exprs) and all(req_ok(r, fields) for r in field_exprs):
@@ -657,24 +769,24 @@ def ready_nodes(source_uri: str, group: str | None, cluster: Cluster) -> list[st
 
 def _event(pod: Obj, namespace: str, reason: str, message: str) -> EventNote:
     """On the pod's controller (pods being admitted have no name/uid yet when generated)."""
-    owners = _meta(pod).get("ownerReferences") or []
-    owner = next((o for o in owners if o.get("controller")), owners[0] if owners else None)
+    owners = _dicts(_meta(pod).get("ownerReferences"))
+    owner = next((o for o in owners if o.get("controller") is True), owners[0] if owners else None)
     if owner:
         involved = {
-            "apiVersion": str(owner.get("apiVersion", "")),
-            "kind": str(owner.get("kind", "")),
-            "name": str(owner.get("name", "")),
-            "uid": str(owner.get("uid", "")),
+            "apiVersion": _str(owner.get("apiVersion")),
+            "kind": _str(owner.get("kind")),
+            "name": _str(owner.get("name")),
+            "uid": _str(owner.get("uid")),
             "namespace": namespace,
         }
     else:
-        pod_name = _name(pod) or str(_meta(pod).get("generateName") or "")
+        pod_name = _name(pod) or _str(_meta(pod).get("generateName"))
         involved = {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "namespace": namespace}
     return EventNote(namespace=namespace, involved=involved, reason=reason, message=message)
 
 
 def _pod_label(pod: Obj, namespace: str) -> str:
-    return f"pod {namespace}/{_name(pod) or str(_meta(pod).get('generateName') or '') + '*'}"
+    return f"pod {namespace}/{_name(pod) or _str(_meta(pod).get('generateName')) + '*'}"
 
 
 def pod_target(pod: Obj, namespace: str, cluster: Cluster) -> PodTarget | str | None:
@@ -723,7 +835,7 @@ def pod_target(pod: Obj, namespace: str, cluster: Cluster) -> PodTarget | str | 
         return f"no LocalModelNamespaceCache {namespace}/{name} and no LocalModelCache {name}"
     cache_obj, cache_ns = found
     spec = _spec(cache_obj)
-    source, groups = spec.get("sourceModelUri"), list(spec.get("nodeGroups") or [])
+    source, groups = spec.get("sourceModelUri"), _strs(spec.get("nodeGroups"))
     if not isinstance(source, str) or not groups:
         return f"cache {name} has no sourceModelUri or nodeGroups"
     wanted_group = annotations.get(NODEGROUP_ANNOTATION)
@@ -748,8 +860,8 @@ def pod_target(pod: Obj, namespace: str, cluster: Cluster) -> PodTarget | str | 
 def mutate_pod(request: Mapping[str, Any], cluster: Cluster, options: Options) -> Decision:
     if request.get("operation") != "CREATE":
         return Decision()
-    pod: Obj = request.get("object") or {}
-    namespace = str(request.get("namespace") or _namespace(pod))
+    pod: Obj = _dict(request.get("object"))
+    namespace = _str(request.get("namespace")) or _namespace(pod)
     dry_run = bool(request.get("dryRun"))
     target = pod_target(pod, namespace, cluster)
     if target is None:
@@ -784,16 +896,16 @@ def mutate_pod(request: Mapping[str, Any], cluster: Cluster, options: Options) -
 
 
 def _mount_names(containers: Iterable[Obj]) -> set[str]:
-    return {str(m.get("name")) for c in containers for m in c.get("volumeMounts") or []}
+    return {_str(m.get("name")) for c in containers for m in _dicts(c.get("volumeMounts"))}
 
 
 def apply_local_model(pod: Obj, target: PodTarget) -> None:
     """Mutate `pod` in place. Idempotent: a second pass (reinvocation, KServe's own mutator
     having run first) changes nothing."""
-    spec = pod.setdefault("spec", {})
-    volumes: list[Obj] = list(spec.get("volumes") or [])
-    containers: list[Obj] = list(spec.get("containers") or [])
-    inits: list[Obj] = list(spec.get("initContainers") or [])
+    spec = pod["spec"] = _spec(pod)
+    volumes = _dicts(spec.get("volumes"))
+    containers = _dicts(spec.get("containers"))
+    inits = _dicts(spec.get("initContainers"))
     before = _mount_names(containers + inits)
 
     kept_inits = [c for c in inits if c.get("name") != STORAGE_INITIALIZER_CONTAINER]
@@ -814,14 +926,14 @@ def apply_local_model(pod: Obj, target: PodTarget) -> None:
         container["volumeMounts"] = _upsert(
             [
                 m
-                for m in container.get("volumeMounts") or []
+                for m in _dicts(container.get("volumeMounts"))
                 if m.get("name") == target.volume or m.get("mountPath") != target.mount_path
             ],
             target.volume,
             mount,
         )
         if target.kserve:
-            for env in container.get("env") or []:
+            for env in _dicts(container.get("env")):
                 if env.get("name") == STORAGE_URI_ENV and env.get("value"):
                     env["value"] = target.mount_path
     spec["containers"] = containers
@@ -845,12 +957,13 @@ def _upsert(items: list[Obj], name: str, item: Obj) -> list[Obj]:
 def _require_ready_node(spec: Obj, key: str) -> None:
     """AND `<ready label>=ready` into every required node selector term (terms are ORed)."""
     requirement = {"key": ready_label(key), "operator": "In", "values": [READY_NODE_LABEL_VALUE]}
-    affinity = spec.setdefault("affinity", {})
-    node_affinity = affinity.setdefault("nodeAffinity", {})
-    required = node_affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
-    terms = required.get("nodeSelectorTerms") or [{}]
+    affinity = spec["affinity"] = dict(_dict(spec.get("affinity")))
+    node_affinity = affinity["nodeAffinity"] = dict(_dict(affinity.get("nodeAffinity")))
+    key_ = "requiredDuringSchedulingIgnoredDuringExecution"
+    required = node_affinity[key_] = dict(_dict(node_affinity.get(key_)))
+    terms = _dicts(required.get("nodeSelectorTerms")) or [{}]
     for term in terms:
-        exprs = list(term.get("matchExpressions") or [])
+        exprs = _dicts(term.get("matchExpressions"))
         if requirement not in exprs:
             exprs.append(requirement)
         term["matchExpressions"] = exprs
@@ -876,24 +989,24 @@ class Reads:
 
 def reads(request: Mapping[str, Any]) -> Reads:
     """Pure: from the request alone, what state its decision depends on."""
-    kind = (request.get("kind") or {}).get("kind")
+    kind = request_kind(request)
     op = request.get("operation")
     if kind in CACHE_KINDS:
         if op == "DELETE":
             return Reads(namespace_caches=True, users_of=_name(request.get("oldObject")))
         if op == "UPDATE" and (
-            _deleting(request.get("object") or {})
+            _deleting(request.get("object"))
             or _spec(request.get("object")) == _spec(request.get("oldObject"))
         ):
             return Reads()
         return Reads(caches=True, namespace_caches=True, node_groups=True)
     if kind == "LocalModelNodeGroup":
         return Reads(caches=True, namespace_caches=True)
-    own = str(request.get("namespace") or _namespace(request.get("object")) or "*")
+    own = _str(request.get("namespace")) or _namespace(request.get("object")) or "*"
     if kind in WORKLOAD_KINDS:
         return Reads(caches=True, namespace_caches=True, namespace_caches_in=own, config=True)
     if kind == "Pod" and op == "CREATE":
-        pod = request.get("object") or {}
+        pod = _dict(request.get("object"))
         if LOCALMODEL_LABEL in _labels(pod):
             return Reads(node_groups=True, ready_nodes=True)
         if MODEL_ANNOTATION in _annotations(pod):

@@ -18,14 +18,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import signal
 import ssl
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -38,9 +39,10 @@ from modelcache.kube.constants import (
     READY_NODE_LABEL_VALUE,
     ready_label,
 )
-from modelcache.uri import storage_key
+from modelcache.uri import redact, storage_key
 from modelcache.webhook import admission, registration, tls
 from modelcache.webhook.admission import Cluster, Decision, EventNote, NotReadyPolicy, Obj, Options
+from modelcache.webhook.listener import BODY, Limits, Listener
 
 log = logging.getLogger("modelcache.webhook")
 COMPONENT = "modelcache-webhook"
@@ -60,6 +62,7 @@ class ServerConfig:
     register: bool = False
     resync_seconds: float = 60.0
     options: Options = field(default_factory=Options)
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def url_host(self) -> str | None:
@@ -166,8 +169,25 @@ class StateReader:
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
+class Reader(Protocol):
+    """What the HTTP edge needs from the cluster (`StateReader`; tests serve a fixed state)."""
+
+    async def read(self, request: Obj, needs: admission.Reads) -> Cluster: ...
+
+    async def record(self, note: EventNote) -> None: ...
+
+
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+
+
+def redact_text(text: str) -> str:
+    """Free text (an exception from a cluster read, say) with every URI in it redacted, on one line."""
+    one_line = " ".join(text.split())
+    return _URI_IN_TEXT.sub(lambda m: redact(m.group(0)), one_line)
+
+
 class Webhook:
-    def __init__(self, reader: StateReader, options: Options) -> None:
+    def __init__(self, reader: Reader, options: Options) -> None:
         self.reader = reader
         self.options = options
         self.ready = False
@@ -177,25 +197,34 @@ class Webhook:
         try:
             cluster = await self.reader.read(req, admission.reads(req))
             return admission.review(req, cluster, self.options)
-        except Exception as exc:
-            log.exception("admission of %s failed", (req.get("kind") or {}).get("kind"))
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        except Exception as exc:  # the cluster reads (or a bug): one line, the traceback at debug level
+            reason = redact_text(f"{type(exc).__name__}: {exc}")[:300]
+            log.warning("admission of %s failed: %s", admission.request_kind(req) or "?", reason)
+            log.debug("admission failure", exc_info=True)
             if mutating:  # a mutation that cannot be computed is skipped, never blocks
                 return Decision(warnings=(f"modelcache webhook did not mutate this object: {reason}",))
             return admission.deny(f"modelcache webhook could not check this request: {reason}", code=500)
 
     async def admit(self, request: web.Request) -> web.Response:
+        """HTTP 400 with a one-line reason for a body that is no AdmissionReview (see
+        `admission.parse_review`), else the AdmissionReview response."""
+        body = request[BODY] if BODY in request else await request.read()
         try:
-            body = await request.json()
-            req: Obj = dict(body.get("request") or {})
-        except (ValueError, AttributeError):
-            return web.json_response({"error": "expected an AdmissionReview"}, status=400)
+            req = admission.parse_review(body)
+        except admission.MalformedReview as exc:
+            reason = redact_text(exc.reason)
+            log.warning(
+                "%s %s: not an AdmissionReview we can answer: %s", request.method, request.path, reason
+            )
+            return web.json_response(
+                {"error": f"expected an admission.k8s.io/v1 AdmissionReview: {reason}"}, status=400
+            )
         decision = await self.decide(req, mutating=request.path.startswith("/mutate"))
         for note in decision.events:
             task = asyncio.create_task(self._record(note))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        kind = (req.get("kind") or {}).get("kind")
+        kind = admission.request_kind(req)
         log.info(
             "%s %s %s/%s: %s%s",
             req.get("operation"),
@@ -219,8 +248,10 @@ class Webhook:
     async def readyz(self, _: web.Request) -> web.Response:
         return web.Response(text="ok") if self.ready else web.Response(status=503, text="not ready")
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=8 * 1024 * 1024)
+    def app(
+        self, middlewares: Iterable[Any] = (), max_body_bytes: int = Limits.max_body_bytes
+    ) -> web.Application:
+        app = web.Application(client_max_size=max_body_bytes, middlewares=list(middlewares))
         for path in registration.PATHS:
             app.router.add_post(path, self.admit)
         app.router.add_get("/healthz", self.healthz)
@@ -311,6 +342,27 @@ async def register(client: Any, config: ServerConfig, ca_bundle_b64: str) -> Non
 
 
 @contextlib.asynccontextmanager
+async def serve(
+    webhook: Webhook, ssl_context: ssl.SSLContext, host: str, port: int, limits: Limits | None = None
+) -> AsyncIterator[Listener]:
+    """Serve `webhook` over TLS on host:port (0: a free port, see `Listener.port`) within `limits`.
+    Needs no cluster: `run` wraps it with the certificate and cluster upkeep."""
+    listener = Listener(limits)
+    app = webhook.app(middlewares=[listener.middleware], max_body_bytes=listener.limits.max_body_bytes)
+    runner = web.AppRunner(app, access_log=None, **listener.handler_options())
+    await runner.setup()
+    try:
+        assert runner.server is not None
+        await listener.start(runner.server, ssl_context, host, port)
+        try:
+            yield listener
+        finally:
+            await listener.close()
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def _client() -> AsyncIterator[Any]:
     from lightkube import AsyncClient
     from lightkube.config.kubeconfig import KubeConfig
@@ -328,30 +380,26 @@ async def run(config: ServerConfig) -> None:
         certs = Certificates(config, client)
         webhook = Webhook(StateReader(client, config.kserve_namespace), config.options)
         await certs.refresh()
-        runner = web.AppRunner(webhook.app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=certs.context)
-        await site.start()
-        log.info("webhook serving on https://%s:%d", config.host, config.port)
-        if config.register and certs.material is not None:
-            await register(client, config, certs.material.ca_bundle_b64)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         try:
-            while not stop.is_set():
-                try:
-                    await certs.refresh()
-                    await certs.publish()
-                    webhook.ready = True
-                except Exception as exc:  # keep serving with what we have; retry next round
-                    log.warning("certificate upkeep failed (will retry): %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=config.resync_seconds)
+            async with serve(webhook, certs.context, config.host, config.port, config.limits) as listener:
+                log.info("webhook serving on https://%s:%d (%s)", config.host, listener.port, config.limits)
+                if config.register and certs.material is not None:
+                    await register(client, config, certs.material.ca_bundle_b64)
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, stop.set)
+                while not stop.is_set():
+                    try:
+                        await certs.refresh()
+                        await certs.publish()
+                        webhook.ready = True
+                    except Exception as exc:  # keep serving with what we have; retry next round
+                        log.warning("certificate upkeep failed (will retry): %s", redact_text(str(exc)))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=config.resync_seconds)
         finally:
-            await runner.cleanup()
             certs.close()
 
 
-__all__ = ["NotReadyPolicy", "ServerConfig", "run"]
+__all__ = ["Limits", "NotReadyPolicy", "ServerConfig", "Webhook", "run", "serve"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,6 +35,16 @@ def main(
             help="Node agent image, unless localModel.localModelAgentImage sets one.",
         ),
     ] = "ghcr.io/modelcache/modelcache:latest",
+    agent_settings: Annotated[
+        str,
+        typer.Option(
+            "--agent-settings",
+            envvar="MODELCACHE_AGENT_SETTINGS",
+            help="JSON object applied to every agent pod: image, imagePullPolicy, imagePullSecrets, "
+            "resources, tolerations, nodeSelector, priorityClassName, securityContext, podSecurityContext, "
+            "serviceAccountName, extraArgs, env, podLabels, podAnnotations (the Helm chart's agent values).",
+        ),
+    ] = "",
     leader_elect: Annotated[
         bool, typer.Option("--leader-elect/--no-leader-elect", help="Coordinate replicas with a Lease.")
     ] = True,
@@ -74,12 +84,34 @@ def main(
         namespace=namespace,
         kubeconfig=kubeconfig,
         agent_image=agent_image,
+        agent_settings=parse_agent_settings(agent_settings),
         leader_elect=leader_elect,
         lease_duration=lease_duration,
         health_port=health_port,
         health_host=health_host,
     )
     asyncio.run(run(opts))
+
+
+def parse_agent_settings(text: str) -> dict[str, Any]:
+    """--agent-settings: a JSON object with known keys only (a typo must not be silently ignored)."""
+    import json
+
+    from modelcache.controller.reconcile import AGENT_SETTING_KEYS
+    from modelcache.errors import UsageError
+
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--agent-settings is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError("--agent-settings must be a JSON object")
+    unknown = sorted(set(data) - AGENT_SETTING_KEYS)
+    if unknown:
+        raise UsageError(f"--agent-settings: unknown keys {', '.join(unknown)}")
+    return data
 
 
 if __name__ == "__main__":  # `python -m modelcache.cli.controller`, until the app registers it

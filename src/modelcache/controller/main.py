@@ -45,6 +45,7 @@ class Options:
     namespace: str = "kserve"
     kubeconfig: Path | None = None
     agent_image: str = r.DEFAULT_AGENT_IMAGE
+    agent_settings: dict[str, Any] = field(default_factory=dict)  # r.AGENT_SETTING_KEYS
     leader_elect: bool = True
     lease_duration: float = 15.0
     health_port: int = 0  # 0: no health endpoint
@@ -173,6 +174,7 @@ class Controller:
             volumes=volumes,
             daemonsets=daemonsets,
             agent_image=self.opts.agent_image,
+            agent_settings=self.opts.agent_settings,
         )
 
     # -- the loop --------------------------------------------------------------------------------------

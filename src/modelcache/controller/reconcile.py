@@ -236,6 +236,7 @@ class Observed:
     volumes: Sequence[Volume] | None = None
     daemonsets: Mapping[str, str] | None = None  # name -> spec hash annotation
     agent_image: str = DEFAULT_AGENT_IMAGE
+    agent_settings: Mapping[str, Any] = field(default_factory=dict)  # see apply_agent_settings
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -822,8 +823,51 @@ def _agent_resources(config: LocalModelConfig) -> dict[str, dict[str, str]]:
     }
 
 
+#: Keys of the controller's --agent-settings (the Helm chart's `agent:` values), applied to every
+#: `<group>-agent` pod. They win over KServe's localModelAgent* keys: KServe's default config names its
+#: own agent image and a 100m CPU limit, neither of which suits our agent (it hashes every byte).
+AGENT_SETTING_KEYS = frozenset(
+    {
+        "image", "imagePullPolicy", "imagePullSecrets", "resources", "tolerations", "nodeSelector",
+        "priorityClassName", "securityContext", "podSecurityContext", "serviceAccountName", "extraArgs",
+        "env", "podLabels", "podAnnotations",
+    }
+)  # fmt: skip
+
+
+def _pod_meta(labels: dict[str, Any], annotations: Mapping[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"labels": labels}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def apply_agent_settings(pod_spec: dict[str, Any], settings: Mapping[str, Any]) -> None:
+    """Overlay the install's agent settings on the pod spec (in place); empty values change nothing."""
+    container = pod_spec["containers"][0]
+    for key in ("image", "imagePullPolicy", "resources", "securityContext"):
+        if settings.get(key):
+            container[key] = settings[key]
+    if settings.get("extraArgs"):
+        container["args"] = [*container["args"], *map(str, settings["extraArgs"])]
+    if settings.get("env"):
+        container["env"] = [*container["env"], *settings["env"]]
+    for key in ("tolerations", "nodeSelector", "priorityClassName", "serviceAccountName", "imagePullSecrets"):
+        if settings.get(key):
+            pod_spec[key] = settings[key]
+    if settings.get("podSecurityContext"):
+        pod_spec["securityContext"] = {
+            **pod_spec.get("securityContext", {}),
+            **settings["podSecurityContext"],
+        }
+
+
 def agent_daemonset(
-    group: NodeGroup, namespace: str, config: LocalModelConfig, image: str
+    group: NodeGroup,
+    namespace: str,
+    config: LocalModelConfig,
+    image: str,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """DaemonSet `<group>-agent`: on the group's nodes, mounting the PV's local path at the same path.
 
@@ -836,6 +880,7 @@ def agent_daemonset(
     path = group.local_path
     selector = {"app.kubernetes.io/name": AGENT_APP_NAME, NODE_GROUP_LABEL: _label_value(group.name)}
     labels = {**selector, COMPONENT_LABEL: AGENT_COMPONENT, MANAGED_BY_LABEL: MANAGED_BY}
+    pod_labels = {**(settings or {}).get("podLabels", {}), **labels}  # ours win: the selector needs them
     required = (group.pv_spec.get("nodeAffinity") or {}).get("required")
     pod_spec: dict[str, Any] = {
         "serviceAccountName": str(
@@ -870,9 +915,14 @@ def agent_daemonset(
     }
     if config.fsGroup is not None:
         pod_spec["securityContext"] = {"fsGroup": config.fsGroup}
+    if settings:
+        apply_agent_settings(pod_spec, settings)
     spec = {
         "selector": {"matchLabels": selector},
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "template": {
+            "metadata": _pod_meta(pod_labels, (settings or {}).get("podAnnotations")),
+            "spec": pod_spec,
+        },
     }
     digest = hashlib.sha256(_canonical(spec).encode()).hexdigest()[:16]
     return {
@@ -1061,7 +1111,9 @@ def _daemonsets(observed: Observed, out: Plan) -> None:
         return
     desired: set[str] = set()
     for name, group in sorted(observed.groups.items()):
-        ds = agent_daemonset(group, observed.namespace, observed.config, observed.agent_image)
+        ds = agent_daemonset(
+            group, observed.namespace, observed.config, observed.agent_image, observed.agent_settings
+        )
         if ds is None:
             continue
         ds_name = ds["metadata"]["name"]

@@ -43,20 +43,31 @@ import tarfile
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlencode, urljoin
 
 import aiohttp
 
-from modelcache.archive import UnsafeArchiveError, _write, safe_member_path
+from modelcache.archive import (
+    CORRUPT_ARCHIVE,
+    ArchiveBombError,
+    TreeCheck,
+    UnpackBudget,
+    UnsafeArchiveError,
+    _write,
+    member_relpath,
+    os_error,
+)
 from modelcache.errors import (
     AuthError,
     IntegrityError,
+    ModelcacheError,
     NotFoundError,
     SourceError,
     TransientSourceError,
     UsageError,
 )
+from modelcache.safepath import join_under, printable, safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, select
 from modelcache.sources.transport import Expect, checked_body, status_error
@@ -434,7 +445,7 @@ class OciSource(AiohttpSource):
                 try:
                     path = _clean_title(title)
                 except UnsafeArchiveError as exc:
-                    raise IntegrityError(f"{self.shown}: {exc}") from exc
+                    raise UnsafeArchiveError(f"{self.shown}: {exc.message}") from exc
                 unpack = str(annotations.get(UNPACK, "")).lower() in _TRUE
                 planned.append((DIRECTORY if unpack else FILE, layer, path))
             elif media in TAR_LAYER_TYPES:
@@ -457,6 +468,15 @@ class OciSource(AiohttpSource):
         files: list[RemoteFile] = []
         only_files = kinds <= {FILE}
         seen: set[str] = set()
+        titles = TreeCheck("OCI layer title")  # one title twice, or a file title inside another
+        for kind, _, title in planned:
+            try:
+                if kind == FILE:
+                    titles.add_file(title, title)
+                elif kind == DIRECTORY:
+                    titles.add_dir(title, title)
+            except UnsafeArchiveError as exc:
+                raise UnsafeArchiveError(f"{self.shown}: {exc.message}") from exc
         for i, (kind, layer, title) in enumerate(planned):
             digest = layer["digest"]
             if only_files:
@@ -466,7 +486,7 @@ class OciSource(AiohttpSource):
             else:
                 path = f"layers/{i:03d}-{digest[7:19]}-{PurePosixPath(title).name}"
             if path in seen:
-                raise SourceError(f"{self.shown}: two layers are titled {title!r}")
+                raise UnsafeArchiveError(f"{self.shown}: two layers are titled {printable(title)!r}")
             seen.add(path)
             files.append(
                 RemoteFile(
@@ -519,24 +539,35 @@ class OciSource(AiohttpSource):
         files_dir.mkdir(parents=True)
         tree = Tree()
         top_level: set[str] = set()
+        # Unpacked bytes (and copies made for links) are capped against the packed layers' size.
+        packed = sum(f.size or 0 for f in snapshot.files if json.loads(f.locator)[0] != FILE)
+        budget = UnpackBudget(packed, f"{self.shown}: image layers")
         for rf in snapshot.files:
             kind, digest, media, title = json.loads(rf.locator)
             blob = download_dir / rf.path
             if kind == FILE:
-                dest = safe_member_path(title, files_dir)
-                assert dest is not None
+                dest = join_under(files_dir, title, "OCI layer title")
                 _make_room(dest, files_dir, tree)
                 os.replace(blob, dest)
                 tree[title] = FileEntry(path=title, size=dest.stat().st_size, sha256=digest[7:])
                 continue
             try:
-                _apply_tar(blob, files_dir, tree, top_level, prefix=title if kind == DIRECTORY else None)
+                _apply_tar(
+                    blob,
+                    files_dir,
+                    tree,
+                    top_level,
+                    prefix=title if kind == DIRECTORY else None,
+                    budget=budget,
+                )
             except UnsafeArchiveError as exc:
                 raise UnsafeArchiveError(f"{self.shown}: layer {digest[:19]}…: {exc}") from exc
+            except ArchiveBombError:
+                raise
             except IntegrityError as exc:
                 raise IntegrityError(f"{self.shown}: layer {digest[:19]}… ({media}): {exc}") from exc
             blob.unlink()
-        _materialise_links(files_dir, tree, self.shown)
+        _materialise_links(files_dir, tree, self.shown, budget)
         kept = {
             e.path
             for e in select(
@@ -544,7 +575,7 @@ class OciSource(AiohttpSource):
             )
         }
         for path in set(tree) - kept:
-            (files_dir / path).unlink()
+            join_under(files_dir, path).unlink()
             del tree[path]
         if not tree:
             if any(json.loads(f.locator)[0] == IMAGE_LAYER for f in snapshot.files) and not top_level & {
@@ -568,11 +599,11 @@ class Tree(dict[str, FileEntry]):
 
 
 def _clean_title(title: str) -> str:
-    """A layer title as a safe relative path (ORAS titles may hold sub-directories)."""
-    probe = Path("/nonexistent-root")
-    if safe_member_path(title, probe) is None:
-        raise UnsafeArchiveError(f"unsafe layer title {title!r}")
-    return PurePosixPath(*[p for p in PurePosixPath(title).parts if p not in ("", ".")]).as_posix()
+    """A layer title as a safe relative path (ORAS titles may hold sub-directories; `./a` is `a`)."""
+    rel = member_relpath(title, "OCI layer title")
+    if not rel:
+        raise UnsafeArchiveError(f"unsafe OCI layer title {printable(title)!r}: no file name")
+    return rel
 
 
 def _make_room(dest: Path, root: Path, tree: Tree) -> None:
@@ -602,13 +633,16 @@ def _remove(path: Path, root: Path, tree: Tree) -> None:
         del tree.links[key]
 
 
-def _apply_tar(blob: Path, root: Path, tree: Tree, top_level: set[str], prefix: str | None) -> None:
+def _apply_tar(
+    blob: Path, root: Path, tree: Tree, top_level: set[str], prefix: str | None, budget: UnpackBudget
+) -> None:
     """Unpack one tar layer into root. prefix None: an image layer (keep models/, apply whiteouts);
     else an ORAS directory, whose members must all lie under `prefix` (its title).
 
     Only regular files reach the disk: directories are created, hard links copied, symbolic links
     recorded in `tree.links` (never created, so no later write can go through one) and copied at
-    the end; devices and fifos are refused."""
+    the end; devices and fifos are refused. Every name we use goes through `member_relpath`, every
+    byte written through `budget` (a layer that unpacks to far more than it weighs is a bomb)."""
     with open(blob, "rb") as fh:
         if fh.read(4) == ZSTD_MAGIC:
             raise IntegrityError("zstd-compressed layer; rebuild the image with gzip layers")
@@ -616,47 +650,45 @@ def _apply_tar(blob: Path, root: Path, tree: Tree, top_level: set[str], prefix: 
     try:
         with tarfile.open(blob, mode="r:*") as tf:
             for m in tf:
-                name = m.name.lstrip("/")
-                while name.startswith("./"):
-                    name = name[2:]
-                name = name.rstrip("/")
-                if not name or name == ".":
+                # Image layers are rooted at the container's /: `/models/x`, `./models/x` are models/x.
+                parts = [p for p in m.name.split("/") if p not in ("", ".")]
+                if not parts:
                     continue
                 if prefix is None:
-                    first, _, rest = name.partition("/")
-                    top_level.add(first)
+                    first, rest = parts[0], "/".join(parts[1:])
+                    top_level.add(printable(first, 60))
                     if first in (OPAQUE, WHITEOUT + MODELS_DIR) or (
                         first == MODELS_DIR and not rest and m.isreg()
                     ):
                         _clear(root, tree, written)  # the lower layers' /models is gone
                         continue
                     if first != MODELS_DIR or not rest:
-                        continue
-                    rel = rest
+                        continue  # the rest of the image's filesystem: never written, never used
+                    rel = member_relpath(rest, "layer member")
                 else:
-                    if name != prefix and not name.startswith(prefix + "/"):
+                    rel = member_relpath("/".join(parts), "layer member")
+                    if rel != prefix and not rel.startswith(prefix + "/"):
                         raise UnsafeArchiveError(
-                            f"member {m.name!r} is outside the layer's directory {prefix!r}"
+                            f"member {printable(m.name)!r} is outside the layer's directory "
+                            f"{printable(prefix)!r}"
                         )
-                    rel = name
-                base = PurePosixPath(rel).name
-                parent = PurePosixPath(rel).parent.as_posix()
+                if not rel:
+                    continue
+                parent, _, base = rel.rpartition("/")
                 if prefix is None and base.startswith(WHITEOUT):
-                    target = safe_member_path(parent, root) if parent != "." else root
-                    if target is None:
-                        target = root
+                    target = join_under(root, parent, "whiteout") if parent else root
                     if base == OPAQUE:
                         _clear(target, tree, written, root)
                     else:
-                        gone = safe_member_path(f"{parent}/{base[len(WHITEOUT) :]}", root)
-                        if gone is not None and gone.relative_to(root).as_posix() not in written:
-                            _remove(gone, root, tree)
+                        hidden = base[len(WHITEOUT) :]
+                        gone = safe_relpath(f"{parent}/{hidden}" if parent else hidden, "whiteout")
+                        if gone not in written:
+                            _remove(join_under(root, gone, "whiteout"), root, tree)
                     continue
-                dest = safe_member_path(rel, root)
-                if dest is None:
-                    continue
-                key = dest.relative_to(root).as_posix()
+                dest = join_under(root, rel, "layer member")
+                key = rel
                 if m.isdir():
+                    budget.reserve(0, key)
                     if dest.exists() and not dest.is_dir():
                         _remove(dest, root, tree)
                     _make_room(dest / "x", root, tree)
@@ -666,32 +698,48 @@ def _apply_tar(blob: Path, root: Path, tree: Tree, top_level: set[str], prefix: 
                     src = _hardlink_source(m.linkname, prefix)
                     if src is None or src not in tree:
                         raise UnsafeArchiveError(
-                            f"hard link {m.name!r} -> {m.linkname!r} points outside the model"
+                            f"hard link {printable(m.name)!r} -> {printable(m.linkname)!r} "
+                            "points outside the model"
                         )
+                    budget.reserve(tree[src].size, key, free_at=root)
                     _make_room(dest, root, tree)
-                    with open(root / src, "rb") as data:
-                        tree[key] = _write(data, dest, root)
+                    with _open_ours(root, src) as data:
+                        tree[key] = _write(data, dest, root, limit=tree[src].size, name=key)
                     written.add(key)
                     continue
                 if m.issym():  # materialised as a copy once every layer is applied
+                    budget.reserve(0, key)
                     _make_room(dest, root, tree)
                     _remove(dest, root, tree)
                     tree.links[key] = _link_target(key, m.linkname, image=prefix is None)
                     written.add(key)
                     continue
                 if not m.isreg():
-                    raise UnsafeArchiveError(f"unsafe archive member {m.name!r}: special file not allowed")
+                    raise UnsafeArchiveError(
+                        f"unsafe archive member {printable(m.name)!r}: special file not allowed"
+                    )
+                budget.reserve(m.size, key, free_at=root)
                 _make_room(dest, root, tree)
                 if dest.is_symlink():
                     dest.unlink()
                 member = tf.extractfile(m)
                 assert member is not None
-                tree[key] = _write(member, dest, root)
+                tree[key] = _write(member, dest, root, limit=m.size, name=key)
                 written.add(key)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise
-        raise IntegrityError(f"not a valid tar layer ({exc})") from exc
+    except ModelcacheError:
+        raise
+    except OSError as exc:
+        if exc.errno is None:  # gzip: not a valid stream
+            raise IntegrityError(f"not a valid tar layer ({printable(str(exc), 120)})") from exc
+        raise os_error(exc, "layer") from exc
+    except CORRUPT_ARCHIVE as exc:
+        raise IntegrityError(f"not a valid tar layer ({printable(str(exc), 120)})") from exc
+
+
+def _open_ours(root: Path, rel: str) -> IO[bytes]:
+    """A file we wrote under root, opened for reading without following any link."""
+    fd = os.open(join_under(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return os.fdopen(fd, "rb")
 
 
 def _link_target(key: str, linkname: str, *, image: bool) -> str | None:
@@ -710,7 +758,7 @@ def _link_target(key: str, linkname: str, *, image: bool) -> str | None:
     return None if target == ".." or target.startswith("../") or target == "." else target
 
 
-def _materialise_links(root: Path, tree: Tree, shown: str) -> None:
+def _materialise_links(root: Path, tree: Tree, shown: str, budget: UnpackBudget) -> None:
     """Replace every symlink by a copy of what it points to (the cache holds regular files only)."""
     for key, target in sorted(tree.links.items()):
         seen = {key}
@@ -718,29 +766,32 @@ def _materialise_links(root: Path, tree: Tree, shown: str) -> None:
             seen.add(target)
             target = tree.links[target]
         if target is None or target in seen:
-            raise UnsafeArchiveError(f"{shown}: symbolic link {key!r} points outside /models (or loops)")
+            raise UnsafeArchiveError(
+                f"{shown}: symbolic link {printable(key)!r} points outside /models (or loops)"
+            )
         sources = [(target, key)] if target in tree else []
         sources += [(p, key + p[len(target) :]) for p in list(tree) if p.startswith(target + "/")]
         if not sources:
-            log.warning("%s: skipping dangling symbolic link %s", shown, key)
+            log.warning("%s: skipping dangling symbolic link %s", shown, printable(key))
             continue
         for src, dest_key in sources:
-            dest = safe_member_path(dest_key, root)
-            assert dest is not None
+            budget.reserve(tree[src].size, dest_key, free_at=root)  # a thousand links to one file: a bomb
+            dest = join_under(root, dest_key, "symbolic link")
             _make_room(dest, root, tree)
-            with open(root / src, "rb") as data:
-                tree[dest_key] = _write(data, dest, root)
+            with _open_ours(root, src) as data:
+                tree[dest_key] = _write(data, dest, root, limit=tree[src].size, name=dest_key)
     tree.links.clear()
 
 
 def _hardlink_source(linkname: str, prefix: str | None) -> str | None:
-    name = linkname.lstrip("/")
-    while name.startswith("./"):
-        name = name[2:]
+    """The tree key a hard link names (normalised as member names are), or None if not in /models.
+    Callers also require the key to be a file already written, so nothing else can be copied."""
+    parts = [p for p in linkname.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
     if prefix is not None:
-        return name
-    first, _, rest = name.partition("/")
-    return rest if first == MODELS_DIR and rest else None
+        return "/".join(parts) or None
+    return "/".join(parts[1:]) if len(parts) > 1 and parts[0] == MODELS_DIR else None
 
 
 def _clear(target: Path, tree: Tree, written: set[str], root: Path | None = None) -> None:

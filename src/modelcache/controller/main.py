@@ -259,9 +259,26 @@ async def _health_server(host: str, port: int, controller: Controller, elector: 
         role = "leader" if elector is None or elector.is_leader else "standby"
         return web.Response(text=f"ok {role} passes={controller.passes} converged={controller.converged}")
 
+    async def metrics(_: web.Request) -> web.Response:
+        """Prometheus text: process metrics plus the loop's own gauges (the chart's metrics port)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        leader = 1 if elector is None or elector.is_leader else 0
+        ours = (
+            "# TYPE modelcache_controller_leader gauge\n"
+            f"modelcache_controller_leader {leader}\n"
+            "# TYPE modelcache_controller_reconcile_passes counter\n"
+            f"modelcache_controller_reconcile_passes_total {controller.passes}\n"
+            "# TYPE modelcache_controller_converged gauge\n"
+            f"modelcache_controller_converged {int(controller.converged)}\n"
+        )
+        body = generate_latest().decode() + ours
+        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -849,3 +849,92 @@ def test_plain_pod_node_group_annotation() -> None:
     assert pod_review(plain_pod({MODEL_ANNOTATION: "llama"}), state).patch == []
     wrong = pod_review(plain_pod({MODEL_ANNOTATION: "llama", NODEGROUP_ANNOTATION: "cpu"}), state)
     assert "is not on node group cpu" in wrong.warnings[0]
+
+
+# -- hostile input (issue 9) ----------------------------------------------------------------------
+SECRET_URIS = [
+    "https://user:pa#ss@host/m.bin",
+    "https://user:pa/ss@host/m.bin",
+    "https://user:pa?ss@host/m.bin",
+    "https://user:pa@ss@host/m.bin",
+    "s3://AKIA:pass-ss@bucket/x",
+    "https://host/m.bin?X-Amz-Signature=pass-ss&x=1",
+    "https://host/m.bin?password=pass-ss",
+    "gs://bucket/x?client_secret=pass-ss",
+]
+
+
+@pytest.mark.parametrize("uri", SECRET_URIS)
+def test_no_secret_of_a_uri_reaches_a_message(uri: str) -> None:
+    """Deny messages and warnings carry URIs only through `redact` (and no parser detail that
+    quotes a piece of a password)."""
+    bad = cache("c", uri=uri, groups=["missing"])
+    other = cache("other", uri=uri)
+    state = cluster(caches=[other])
+    messages = [
+        review(req("LocalModelCache", "CREATE", bad), state).message,
+        review(req("LocalModelCache", "UPDATE", cache("other", uri="hf://o/m"), other), state).message,
+        review(req("LocalModelCache", "CREATE", cache("dup", uri=uri)), state).message,
+    ]
+    pod = kserve_pod(storage_uri=uri + "x")  # not under the cache's URI: the warning names both
+    pod["metadata"]["annotations"][LOCALMODEL_SOURCEURI_ANNOTATION] = uri
+    messages += review(req("Pod", "CREATE", pod, namespace="default"), state).warnings
+    assert all(messages), messages
+    for message in messages:
+        assert "ss@" not in message and "pass-ss" not in message and "'pa'" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"request": 5}', "request must be an object"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper"),
+        (b"\xff", "not UTF-8"),
+        (b'{"request": {"uid": "u", "kind": {"kind": 1}, "operation": "CREATE"}}', "request.kind"),
+        (b'{"request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": 7}}', "operation"),
+        (
+            b'{"request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": "CREATE", "object": "x"}}',
+            "object",
+        ),
+        (
+            b'{"request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": "CREATE", "dryRun": "no"}}',
+            "dryRun",
+        ),
+        (b'{"kind": "ConversionReview", "request": {}}', "kind"),
+    ],
+)
+def test_parse_review_refuses_malformed_bodies_in_one_line(body: bytes, reason: str) -> None:
+    with pytest.raises(admission.MalformedReview) as info:
+        admission.parse_review(body)
+    assert reason in info.value.reason and "\n" not in info.value.reason
+
+
+def test_parse_review_accepts_what_the_apiserver_sends() -> None:
+    body = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": req("Pod", "CREATE", kserve_pod()),
+    }
+    assert admission.parse_review(json.dumps(body).encode())["uid"] == "u-1"
+
+
+def test_wrong_types_inside_objects_read_as_absent() -> None:
+    state = cluster(caches=[cache("llama")], nodes=[node("n1", {"pool": "workers", **READY})])
+    for obj in (
+        {"metadata": 5},
+        {"metadata": {"labels": [1], "annotations": {MODEL_ANNOTATION: ["llama"]}}},
+        {"metadata": {"annotations": {MODEL_ANNOTATION: "llama"}}, "spec": {"containers": [5, {"name": 3}]}},
+    ):
+        request = {
+            "uid": "u",
+            "kind": {"kind": "Pod"},
+            "operation": "CREATE",
+            "namespace": "d",
+            "object": obj,
+        }
+        assert review(request, state).allowed
+    group_spec = {"metadata": {"name": "g"}, "spec": {"persistentVolumeSpec": [], "storageLimit": {}}}
+    denied = review(req("LocalModelNodeGroup", "CREATE", group_spec), state)
+    assert not denied.allowed and "storageLimit" in denied.message
+    weird = {"metadata": {"name": "c"}, "spec": {"sourceModelUri": 5, "modelSize": True, "nodeGroups": [1]}}
+    assert not review(req("LocalModelCache", "CREATE", weird), state).allowed

@@ -388,8 +388,7 @@ def _cache_spec_problems(obj: Obj, kind: str, cluster: Cluster) -> list[str]:
         try:
             parse_uri(uri)
         except UsageError as exc:
-            safe = exc.message.replace(uri.strip(), redact(uri.strip()))
-            problems.append(f"spec.sourceModelUri: {safe}")
+            problems.append(f"spec.sourceModelUri: {_uri_problem(uri.strip(), exc.message)}")
     size = _quantity(spec.get("modelSize"))
     if size is None:
         problems.append(f"spec.modelSize {spec.get('modelSize')!r} is not a quantity such as 10Gi")
@@ -411,6 +410,14 @@ def _cache_spec_problems(obj: Obj, kind: str, cluster: Cluster) -> list[str]:
     if isinstance(uri, str):
         problems.extend(_duplicate_problem(obj, kind, uri, cluster))
     return problems
+
+
+def _uri_problem(uri: str, message: str) -> str:
+    """The parser's complaint, unless the URI carries credentials: a parser may quote a piece of
+    them (urlsplit's port error quotes what follows the first ':' of `user:pa/ss@host`)."""
+    if "@" in uri or redact(uri) != uri:
+        return f"{redact(uri)!r} is not a valid model URI (details withheld: it carries credentials)"
+    return message.replace(uri, redact(uri))
 
 
 def _committed(

@@ -15,8 +15,18 @@ _GLOBAL_OPTS = {"--home", "--log-format"}
 
 
 def fail(message: str, code: int) -> int:
-    sys.stderr.write(f"modelcache: error: {message}\n")
+    """One line on stderr, control characters escaped (a URI or file name may carry any)."""
+    from modelcache.safepath import printable
+
+    sys.stderr.write(f"modelcache: error: {printable(message, 4000)}\n")
     return code
+
+
+def _traceback() -> None:
+    """--debug: the traceback goes to stderr, the exit code stays what it would have been."""
+    import traceback
+
+    traceback.print_exc(file=sys.stderr)
 
 
 def _fast_path(argv: list[str]) -> int | None:
@@ -67,13 +77,13 @@ def main() -> None:
             code = run(argv)
     except ModelcacheError as exc:
         if debug:
-            raise
+            _traceback()
         code = fail(exc.message, exc.exit_code)
     except KeyboardInterrupt:
         code = fail("interrupted", 130)
     except Exception as exc:
         if debug:
-            raise
+            _traceback()
         code = fail(
             f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", EXIT_INTERNAL
         )

@@ -93,8 +93,8 @@ class HttpSource(AiohttpSource):
     def file_name(self) -> str:
         """The file's name: the URL's last path segment, decoded, and checked like any external name."""
         segment = urlsplit(self.url).path.rstrip("/").rsplit("/", 1)[-1]
-        name = unquote(segment, errors="strict") if segment else "model"
         try:
+            name = unquote(segment, errors="strict") if segment else "model"
             return safe_relpath(name, "file name in the URL")
         except UnsafeNameError as exc:
             raise UsageError(f"{self.shown}: {exc.message}") from None

@@ -86,8 +86,8 @@ def join_under(root: Path, rel: str, what: str = "name") -> Path:
         path = path / seg
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
-            return root / rel  # nothing below a missing component exists yet
+        except (FileNotFoundError, NotADirectoryError):
+            return root / rel  # nothing below a missing component (or a file) exists yet
         if stat.S_ISLNK(st.st_mode):
             raise UnsafeNameError(f"unsafe {what} {printable(rel)!r}: {printable(seg)!r} is a symlink")
     return path

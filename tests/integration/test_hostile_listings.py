@@ -1,0 +1,65 @@
+"""Object listings that name paths outside the model directory are refused (exit 4), nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.support.fake_listings import FakeListings
+
+HOSTILE = [
+    "models/../../../outside/x",
+    "models/a/../../../outside/y",
+    "models/a//outside/z",
+    "models/./x",
+    "models/a\x00b",
+    "models/a\\..\\..\\outside\\w",
+    "models/" + "n" * 300,
+]
+CLEAN_ENV = {
+    "GOOGLE_APPLICATION_CREDENTIALS": "",
+    "AZURE_STORAGE_ACCESS_KEY": "",
+    "AZ_CLIENT_ID": "",
+    "AZURE_CLIENT_ID": "",
+}
+
+
+def _pull(tmp_path: Path, scheme: str, names: list[str]) -> tuple[int, str, list[str]]:
+    with FakeListings(names) as fake:
+        if scheme == "gs":
+            env = {**CLEAN_ENV, "STORAGE_EMULATOR_HOST": fake.endpoint}
+            uri = "gs://bucket/models"
+        else:
+            conn = f"AccountName=acct;BlobEndpoint={fake.endpoint}/acct"
+            env = {**CLEAN_ENV, "AZURE_STORAGE_CONNECTION_STRING": conn}
+            uri = "az://container/models"
+        proc = run_cli(tmp_path / "cache", "--quiet", "pull", uri, **env)
+        return proc.returncode, proc.stderr, list(fake.downloads)
+
+
+@pytest.mark.parametrize("scheme", ["gs", "az"])
+@pytest.mark.parametrize("name", HOSTILE)
+def test_listing_with_unsafe_name_is_refused(scheme: str, name: str, tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    code, stderr, downloads = _pull(tmp_path, scheme, ["models/ok.bin", name])
+    if scheme == "az" and "\x00" in name:  # XML cannot carry NUL: the listing itself is unreadable
+        assert code == 6 and "unreadable" in stderr, stderr
+    else:
+        assert code == 4, stderr
+        assert "unsafe" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert downloads == []  # refused at resolve, before a byte is fetched
+    assert not any((tmp_path / "outside").iterdir())
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or not any(models.iterdir())
+
+
+@pytest.mark.parametrize("scheme", ["gs", "az"])
+def test_a_clean_listing_still_works(scheme: str, tmp_path: Path) -> None:
+    code, stderr, downloads = _pull(tmp_path, scheme, ["models/ok.bin", "models/sub/dir/b.bin"])
+    assert code == 0, stderr
+    assert sorted(downloads) == ["models/ok.bin", "models/sub/dir/b.bin"]
+    (model,) = (tmp_path / "cache" / "models").iterdir()
+    assert (model / "sub" / "dir" / "b.bin").read_bytes() == b"not a model\n"

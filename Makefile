@@ -50,7 +50,7 @@ helm:
 	@bash scripts/install-helm.sh
 
 # The image as a docker-archive tar (dist/modelcache-image.tar), offline: mmdebstrap + our wheel.
-# Base and dependency layers are cached in ~/.cache/modelcache/image (cold ~1.5 min, warm ~2 s). Root.
+# Base and dependency layers are cached in ~/.cache/modelcache/image (cold ~1 min, warm ~2 s). Root.
 image: $(STAMP)
 	bash scripts/build-image.sh
 

@@ -1,7 +1,7 @@
 """The offline-built image (scripts/build_image.py, `make image`): a valid docker archive whose command
 runs as uid 65532 on a read-only root filesystem, with every compiled dependency importable.
 
-Builds the image first (cached layers: ~2 s warm, ~1.5 min cold). Needs root: chroot and mounts.
+Builds the image first (cached layers: ~2 s warm, ~1 min cold). Needs root: chroot and mounts.
 """
 
 from __future__ import annotations

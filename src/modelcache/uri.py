@@ -96,7 +96,11 @@ def parse_uri(text: str) -> ModelURI:
         parts = urlsplit(raw)
         port = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
-        raise UsageError(f"malformed URI {redact(raw)!r}: {exc}") from exc
+        # urlsplit's own text quotes what it took for a port: with an unescaped '#', '/' or '?' in a
+        # password, that is the start of the password. Say what is wrong without it.
+        why = "bad port" if "port" in str(exc).lower() else "cannot be parsed"
+        hint = " (escape '#', '/', '?', '@' in user-info as %23, %2F, %3F, %40)" if "@" in raw else ""
+        raise UsageError(f"malformed URI {_shown(raw)!r}: {why}{hint}") from None
     del port
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):

@@ -352,7 +352,7 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     """A zip entry's type: the high 16 bits of external_attr hold a Unix st_mode when the creator set
     one. No file-type bits (DOS/Windows zips, many tools) means a regular file; '/' means a directory."""
     mode = info.external_attr >> 16
-    if info.is_dir() or stat.S_ISDIR(mode):
+    if info.filename.endswith("/") or stat.S_ISDIR(mode):  # not is_dir(): it fails on an empty name
         return "dir"
     if stat.S_IFMT(mode) in (0, stat.S_IFREG):
         return "file"

@@ -166,16 +166,17 @@ class UnpackBudget:
             )
         if free_at is not None and nbytes > _free_bytes(free_at):
             raise InsufficientSpaceError(
-                f"{self.what}: member {printable(name)!r} needs {format_bytes(nbytes)} but only "
-                f"{format_bytes(_free_bytes(free_at))} is free on the device holding {free_at}"
+                f"no space left for {self.what}: member {printable(name)!r} needs "
+                f"{format_bytes(nbytes)} but only {format_bytes(_free_bytes(free_at))} is free "
+                f"on the device holding {free_at}"
             )
 
     def check_free(self, root: Path) -> None:
         free = _free_bytes(root)
         if self.used > free:
             raise InsufficientSpaceError(
-                f"{self.what} unpacks to {format_bytes(self.used)} but only {format_bytes(free)} is free "
-                f"on the device holding {root}"
+                f"no space left to unpack {self.what}: it unpacks to {format_bytes(self.used)} but only "
+                f"{format_bytes(free)} is free on the device holding {root}"
             )
 
 

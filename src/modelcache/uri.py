@@ -110,8 +110,8 @@ def parse_uri(text: str) -> ModelURI:
     elif scheme in ("http", "https"):
         if not parts.hostname or " " in parts.netloc:
             raise UsageError(f"malformed URI {redact(raw)!r}: no host")
-        if (why := host_problem(parts.hostname)) is not None:
-            raise UsageError(f"malformed URI {redact(raw)!r}: {why}")
+        if (problem := host_problem(parts.hostname)) is not None:
+            raise UsageError(f"malformed URI {redact(raw)!r}: {problem}")
         if parts.path in ("", "/"):
             raise UsageError(f"malformed URI {redact(raw)!r}: no path to a model file or archive")
     elif not parts.netloc and not parts.path.strip("/"):
@@ -169,8 +169,17 @@ def _userinfo_end(rest: str) -> int:
     if at < 0:
         return -1
     authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    if at > authority_end and ":" not in rest[:at]:
-        return -1  # an '@' in a path (s3://bucket/key@v2) is not user-info
+    if at > authority_end:
+        # The '@' is past what a parser takes for the authority: user-info with an unescaped
+        # character only if a ':' comes before it and either the "authority" is no host:port
+        # (`user:pa` of `user:pa/ss@host`) or a host follows the '@'. Not: s3://b/key@v2,
+        # oci://reg:5000/repo@sha256:...
+        authority = rest[:authority_end]
+        port = authority.rpartition(":")[2] if ":" in authority else ""
+        after = re.split(r"[/?#]", rest[at + 1 :], maxsplit=1)[0]
+        host_follows = re.fullmatch(r"[A-Za-z0-9._-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", after) is not None
+        if ":" not in rest[:at] or not ((port and not port.isdigit()) or (host_follows and "." in after)):
+            return -1
     slash = rest.find("/", at)
     limit = len(rest) if slash < 0 else slash
     return rest.rfind("@", 0, limit)

@@ -135,6 +135,7 @@ def test_prefix_with_slash_is_a_directory(home: Path, world: World) -> None:
         "bucket": BUCKET,
         "prefix": "llama/",
         "endpoint": world.moto.endpoint,
+        "source_checksum": "none",  # uploaded without x-amz-checksum-sha256: our own sha256 only
     }
     again = run_cli(home, "pull", f"s3://{BUCKET}/llama/", "--json", **world.env())
     assert json.loads(again.stdout)["hit"] is True

@@ -96,7 +96,9 @@ def test_redact(uri: str, hidden: str) -> None:
     assert hidden not in out and "***" in out
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/key@v2", "https://h/p/a@b", "hf://org/model"])
+@pytest.mark.parametrize(
+    "uri", ["s3://bucket/key@v2", "https://h/p/a@b", "hf://org/model", "oci://reg:5000/m/t@sha256:60bc00"]
+)
 def test_redact_leaves_paths_alone(uri: str) -> None:
     assert redact(uri) == uri
 

@@ -52,6 +52,7 @@ from modelcache.errors import (
     TransientSourceError,
     UsageError,
 )
+from modelcache.safepath import safe_relpath
 from modelcache.sources.base import RemoteFile, Snapshot, Source, archive_kind, select
 from modelcache.sources.transport import status_error
 from modelcache.uri import redact
@@ -447,10 +448,7 @@ class S3Source(Source):
     def _listed(self, prefix: str, key: str, meta: ObjectMeta) -> RemoteFile | None:
         if meta["size"] == 0 or key.endswith("/"):
             return None  # folder markers and empty objects, as KServe
-        rel = layout(prefix, key)
-        parts = rel.split("/")
-        if not rel or any(p in ("", ".", "..") for p in parts):
-            raise SourceError(f"{self.shown}: object key {key!r} does not map to a safe local path")
+        rel = safe_relpath(layout(prefix, key), "object key")
         return RemoteFile(rel, meta["size"], etag=join_etag(meta["e_tag"], meta["version"]), locator=key)
 
     async def _with_checksums(self, files: list[RemoteFile]) -> list[RemoteFile]:

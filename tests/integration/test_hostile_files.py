@@ -36,6 +36,7 @@ from tests.support.archives import (
     zip_lying_size,
     zip_with_nul_name,
 )
+from tests.support.origin import Origin
 
 # From <home>/.modelcache/staging/<key>/files, five levels up is the test's tmp dir: these names aim
 # at the sentinel directory next to the home.
@@ -456,3 +457,22 @@ def test_bundle_round_trip_after_hostile_attempts(home: Path, tmp_path: Path) ->
     proc = run_cli(tmp_path / "other", "import", str(bundle))
     assert proc.returncode == 0, proc.stderr
     assert io.BytesIO((Path(proc.stdout.strip()) / "config.json").read_bytes()).read() == b"{}"
+
+
+def test_bundle_of_a_model_whose_uri_had_a_password(
+    home: Path, tmp_path: Path, origin: Origin, origin_root: Path
+) -> None:
+    """The manifest keeps only the redacted URI, so import cannot recompute the key; it still imports,
+    and the password is in neither bundle nor the other cache."""
+    write_random(origin_root / "w.bin", 1000)
+    uri = origin.url_for("/w.bin").replace("http://", "http://user:s3cr3tpw@")
+    proc = run_cli(home, "pull", uri, "--json")
+    assert proc.returncode == 0, proc.stderr
+    key = json.loads(proc.stdout)["key"]
+    bundle = tmp_path / "b.tar"
+    assert run_cli(home, "export", key, "-o", str(bundle)).returncode == 0
+    assert b"s3cr3tpw" not in bundle.read_bytes()
+    other = tmp_path / "other"
+    proc = run_cli(other, "import", str(bundle))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(run_cli(other, "list", "--json").stdout)[0]["key"] == key

@@ -287,3 +287,21 @@ def test_resume_after_kill_minus_9_refetches_little(home: Path, tmp_path: Path) 
     refetched = fetched - (size - done_before)
     assert refetched <= 0.10 * done_before, (fetched, done_before, size)
     assert "resuming" in again.stderr
+
+
+def test_waiting_for_another_pull_still_checks_the_revision(home: Path, hub: Hub) -> None:
+    """Two pulls of one URI at once, asking for other revisions: the one that waited for the other's
+    lock must not return what the other downloaded (run one after the other it is exit 7 too)."""
+    hub.endpoint.rate_limit = 4 * MiB  # the first pull holds the lock for a while
+    try:
+        first = popen_cli(home, "pull", f"hf://{REPO}", "--revision", "v1.0", "--json", **hub.env())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not list(home.glob(".modelcache/locks/*")):
+            time.sleep(0.05)
+        second = run_cli(home, "pull", f"hf://{REPO}", "--revision", "dev-does-not-matter", **hub.env())
+        out, err = first.communicate(timeout=120)
+    finally:
+        hub.endpoint.rate_limit = None
+    assert first.returncode == 0, err
+    assert "cached at revision v1.0, not dev-does-not-matter" in assert_one_line_error(second, 7)
+    assert "another process is downloading" in second.stderr  # it really took the waiting path

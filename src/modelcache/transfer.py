@@ -103,7 +103,6 @@ class FileTask:
     cursor: int = 0  # next byte not yet given to any chunk
     sha256: str | None = None  # ours, once hashed
     claims: list[tuple[int, int, bytes]] = field(default_factory=list)  # (offset, length, sha256)
-    fd: int = -1
     dirty: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -307,12 +306,6 @@ class Transfer:
             finally:
                 os.close(fd)
 
-    def _close_files(self) -> None:
-        for t in self.tasks:
-            if t.fd >= 0:
-                os.close(t.fd)
-                t.fd = -1
-
     def _checkpoint(self) -> None:
         for t in self.tasks:
             if t.dirty:
@@ -347,7 +340,6 @@ class Transfer:
             await asyncio.gather(checkpointer, return_exceptions=True)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self._checkpoint)
-            self._close_files()
         await asyncio.to_thread(self._check_claims)
         result: dict[str, str] = {}
         for t in self.tasks:
@@ -364,11 +356,7 @@ class Transfer:
         """Overlapping bytes fetched by two requests must agree, or the origin changed under us."""
         for t in self.tasks:
             for offset, length, digest in t.claims:
-                fd = os.open(t.dest, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    on_disk = os.pread(fd, length, offset)
-                finally:
-                    os.close(fd)
+                on_disk = _with_fd(t.dest, os.pread, length, offset)
                 if hashlib.sha256(on_disk).digest() != digest:
                     raise SnapshotMismatchError(
                         f"{t.rf.path}: two requests returned different bytes at offset {offset}: "

@@ -43,6 +43,7 @@ from modelcache.kube.config import LocalModelConfig, parse_local_model_config
 from modelcache.kube.constants import CONFIGMAP_NAME
 from modelcache.quantity import parse_quantity
 from modelcache.store import Store
+from modelcache.store import adopt as ad
 from modelcache.transfer import ProgressEvent, TransferConfig, free_bytes
 from modelcache.uri import parse_uri, redact
 
@@ -76,6 +77,7 @@ class Settings:
     verify_interval: float = 7 * 86400.0  # full sha256 re-verify of each model this often
     verify_gap: float = 60.0  # and at most one full verify per this many seconds
     delete_unreferenced: bool = False
+    adopt_read_rate: float = 64 << 20  # bytes/s when hashing folders adopted from another cache
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9090
 
@@ -85,6 +87,7 @@ class _Observed:
     disk: dict[str, pl.OnDisk] = field(default_factory=dict)
     partials: dict[str, pl.Partial] = field(default_factory=dict)
     fs_free: int = 0
+    foreign: dict[str, ad.Folder] = field(default_factory=dict)  # wanted keys: folders to adopt
 
 
 def _plain(obj: Any) -> dict[str, Any]:
@@ -152,6 +155,7 @@ class Agent:
         self.lmn: dict[str, Any] | None = None
         self.progress: dict[str, pl.Progress] = {}
         self.sizes: dict[str, int] = {}
+        self.listings: dict[str, ad.Listing] = {}  # source listings of folders waiting for adoption
         self.downloads: dict[str, asyncio.Task[None]] = {}
         self.probes: dict[str, asyncio.Task[None]] = {}
         self.verified_at: dict[str, float] = {}
@@ -389,6 +393,9 @@ class Agent:
                 obs.partials[rec.key] = pl.Partial(
                     rec.key, rec.uri, rec.size_bytes, held=rec.state == "downloading"
                 )
+        for key in ad.foreign_keys(self.disk):
+            if key in wanted_keys:
+                obs.foreign[key] = ad.scan(self.disk, key)
         obs.fs_free = free_bytes(self.disk.root)
         return obs
 
@@ -421,6 +428,10 @@ class Agent:
                 remembered = True
         keys = pl.uris_by_key(self.wanted)
         obs = await self._io(self._observe_disk, set(keys))
+        blocked: set[str] = set()
+        if obs.foreign:
+            blocked = await self._adopt_foreign(obs, keys)
+            obs = await self._io(self._observe_disk, set(keys))
         stale = [n for n, k in self.pvc_to_key.items() if k not in keys and k not in obs.disk]
         for n in stale:  # the model is gone: no pod can be using it through this name any more
             del self.pvc_to_key[n]
@@ -432,9 +443,11 @@ class Agent:
         active = set(self.downloads) | set(self.probes)
         now = time.time()
 
+        planned = [e for e in self.wanted if e.key not in blocked]
+
         def decide(mounted: set[str]) -> pl.Plan:
             return pl.plan(
-                self.wanted,
+                planned,
                 obs.disk,
                 obs.partials,
                 self.sizes,
@@ -512,6 +525,92 @@ class Agent:
         for k in p.download:
             staged = obs.partials[k].done_bytes if k in obs.partials else 0
             self.downloads[k] = asyncio.create_task(self._download(k, self._entry(k), staged))
+
+    # -- adoption of folders another cache left (KServe's agent) -------------------------------------
+    async def _adopt_foreign(self, obs: _Observed, keys: dict[str, str]) -> set[str]:
+        """Adopt, replace or keep waiting on each wanted folder without a manifest (store/adopt.py).
+
+        Returns the keys not to plan downloads for this pass (their folder stays as it is).
+        """
+        try:
+            mounted = await self._mounted()
+        except Exception as exc:  # cannot tell: treat every folder as mounted (never moved)
+            log.warning("cannot list pods on node %s: %s; treating folders as mounted", self.s.node_name, exc)
+            mounted = set(obs.foreign)
+        blocked: set[str] = set()
+        now = time.time()
+        for key, folder in obs.foreign.items():
+            listing = self.listings.get(key)
+            verdict = ad.decide(folder, listing, key in mounted)
+            uri = keys[key]
+            prog = self.progress.setdefault(key, pl.Progress())
+            if verdict.action == "adopt" and listing is not None:
+                try:
+                    await self._io(ad.adopt, self.disk, folder, listing, uri)
+                except ModelcacheError as exc:
+                    log.info("not adopting %s yet: %s", key, exc.message)
+                    blocked.add(key)
+                    continue
+                self.listings.pop(key, None)
+                self.verified_at[key] = 0.0  # hashed first by the verify loop, at a capped rate
+                prog.phase, prog.last_error, prog.no_space = "downloaded", None, False
+                prog.finished_at = now
+                log.info("adopted %s (%s) in place: %s", key, redact(uri), verdict.reason)
+                await self._event(
+                    "Adopted",
+                    f"model {key} ({redact(uri)}): adopted the folder already on disk "
+                    f"({folder.size_bytes} bytes, {verdict.reason}); nothing downloaded",
+                )
+            elif verdict.action == "replace":
+                log.warning("%s (%s): %s", key, redact(uri), verdict.reason)
+                await self._io(ad.discard, self.disk, key)
+                await self._event(
+                    "AdoptionRefused", f"model {key} ({redact(uri)}): {verdict.reason}", warn=True
+                )
+            else:
+                blocked.add(key)
+                if listing is None:
+                    retry = prog.retry_at is not None and prog.retry_at > now
+                    if key not in self.probes and not retry:
+                        self.probes[key] = asyncio.create_task(self._list_source(key, self._entry(key)))
+                elif prog.last_error != verdict.reason:
+                    prog.phase, prog.last_error = "error", verdict.reason
+                    log.warning("%s (%s): %s", key, redact(uri), verdict.reason)
+                    await self._event(
+                        "AdoptionBlocked", f"model {key} ({redact(uri)}): {verdict.reason}", warn=True
+                    )
+        return blocked
+
+    async def _list_source(self, key: str, info: LocalModelInfo) -> None:
+        """The source's listing of a folder waiting for adoption (a resolve: no file bytes move)."""
+        from modelcache.engine import resolve_with_retries
+        from modelcache.sources import SourceOptions, open_source
+
+        prog = self.progress.setdefault(key, pl.Progress())
+        try:
+            creds = await self._credentials(info)
+            uri = parse_uri(info.sourceModelUri)
+            source = open_source(uri, SourceOptions(env=creds.env))
+            try:
+                snapshot = await resolve_with_retries(source, self.transfer_config)
+            finally:
+                await source.aclose()
+            self.sizes[key] = snapshot.total_bytes
+            self.listings[key] = ad.Listing(
+                files=tuple(ad.ListedFile(f.path, f.size, f.sha256) for f in snapshot.files),
+                revision=snapshot.revision,
+                archive=bool(snapshot.archive),
+                scheme=uri.scheme,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            prog.attempts += 1
+            message = self._fail(key, exc)
+            await self._event("AdoptionBlocked", f"{redact(info.sourceModelUri)}: {message}", warn=True)
+        finally:
+            self.probes.pop(key, None)
+            self.kick()
 
     def _entry(self, key: str) -> LocalModelInfo:
         return next(e.info for e in self.wanted if e.key == key)
@@ -637,14 +736,23 @@ class Agent:
                 continue
             last = time.monotonic()
             try:
-                problems = await asyncio.to_thread(
-                    Store(self.s.root).verify, key, full=True
-                )  # manifests only
-            except (NotFoundError, OSError):
+                problems = await asyncio.to_thread(self._full_check, key)
+            except (NotFoundError, OSError, ValueError):
                 continue  # removed meanwhile
             if not problems:
                 self.verified_at[key] = time.time()
                 await self._io(self._save_state)
+                continue
+            if key in await self._mounted_or_all():  # an adopted folder a pod reads: never moved
+                log.warning(
+                    "model %s failed the sha256 check but a pod mounts it: %s", key, "; ".join(problems[:3])
+                )
+                await self._event(
+                    "VerifyFailed",
+                    f"model {key} failed the sha256 check; a pod mounts it, left in place",
+                    warn=True,
+                )
+                self.verified_at[key] = time.time()
                 continue
             self.metrics.verify_failures.labels(kind="full").inc()
             log.warning(
@@ -664,6 +772,25 @@ class Agent:
                 self.healthy.pop(key, None)
                 self.progress.pop(key, None)
             self.kick()
+
+    def _full_check(self, key: str) -> list[str]:
+        """sha256 of every file: adopted folders are hashed at the capped rate, ours re-verified."""
+        store = Store(self.s.root)  # its own SQLite connection: this runs on a worker thread
+        if ad.needs_hashing(store.manifest(key)):
+            problems = ad.hash_adopted(store, key, self.s.adopt_read_rate)
+            if not problems:
+                log.info("adopted model %s hashed: every file recorded", key)
+            return problems
+        return store.verify(key, full=True)
+
+    async def _mounted_or_all(self) -> set[str]:
+        try:
+            return await self._mounted()
+        except Exception as exc:
+            log.warning(
+                "cannot list pods on node %s: %s; treating every model as mounted", self.s.node_name, exc
+            )
+            return set(self.healthy)
 
     # -- status --------------------------------------------------------------------------------
     async def report(self) -> None:

@@ -299,7 +299,7 @@ def test_waiting_for_another_pull_still_checks_the_revision(home: Path, hub: Hub
         while time.monotonic() < deadline and not list(home.glob(".modelcache/locks/*")):
             time.sleep(0.05)
         second = run_cli(home, "pull", f"hf://{REPO}", "--revision", "dev-does-not-matter", **hub.env())
-        out, err = first.communicate(timeout=120)
+        _out, err = first.communicate(timeout=120)
     finally:
         hub.endpoint.rate_limit = None
     assert first.returncode == 0, err

@@ -26,7 +26,7 @@ from lightkube.types import PatchType
 
 from modelcache.api.types import GROUP, VERSION
 
-from .reconcile import Event, FinalizerPatch, ObjectRef, Plan, Volume
+from .reconcile import Event, FinalizerPatch, ObjectRef, Plan, Volume, adoption_patch, volume_adoption
 
 log = logging.getLogger("modelcache.controller")
 
@@ -209,6 +209,7 @@ class Writer:
                 await self.client.create(codecs.from_dict(body))
             except ApiError as exc:
                 if exc.status.code == 409:
+                    await self._adopt_volume(cache, body, what)
                     return
                 await self.post_events(
                     [Event(cache, "Warning", "VolumeFailed", f"{what}: {exc.status.message}")]
@@ -217,6 +218,27 @@ class Writer:
             await self.post_events([Event(cache, "Normal", "VolumeCreated", what)])
 
         return job
+
+    async def _adopt_volume(self, cache: ObjectRef, body: dict[str, Any], what: str) -> None:
+        """A PV/PVC of our name exists: adopt it when KServe made it for this cache, else say whose it is."""
+        meta = body["metadata"]
+        res: Any = PersistentVolume if body["kind"] == "PersistentVolume" else PersistentVolumeClaim
+        namespace = meta.get("namespace")
+        existing = await self.client.get(res, meta["name"], namespace=namespace)
+        verdict = volume_adoption(existing.to_dict(), body, cache)
+        if verdict == "ours":
+            return
+        if verdict == "foreign":
+            message = f"{what} exists and belongs to something else; left alone (rename or delete it)"
+            await self.post_events([Event(cache, "Warning", "VolumeConflict", message)])
+            return
+        await self.client.patch(
+            res, meta["name"], adoption_patch(body), namespace=namespace, patch_type=PatchType.MERGE
+        )
+        log.info("adopted %s (created by KServe for %s)", what, cache.name)
+        await self.post_events(
+            [Event(cache, "Normal", "VolumeAdopted", f"{what} (created by KServe) adopted")]
+        )
 
     def _delete_job(self, res: Any, name: str, namespace: str | None = None) -> Callable[[], Awaitable[None]]:
         async def job() -> None:

@@ -99,6 +99,9 @@ class Controller:
                     "InferenceServices are not routed to them until it is true"
                 )
             self.config = config
+            _, ignored = r.agent_image(config, self.opts.agent_image)
+            if ignored:
+                log.warning("%s", ignored)
             self._wake.set()
         self.config_loaded.set()
 

@@ -791,6 +791,49 @@ def desired_volumes(
     return out
 
 
+def _local_path(pv_spec: Mapping[str, Any]) -> str | None:
+    for kind in ("local", "hostPath"):
+        path = (pv_spec.get(kind) or {}).get("path")
+        if path:
+            return str(path)
+    return None
+
+
+def volume_adoption(existing: Mapping[str, Any], desired: Mapping[str, Any], cache: ObjectRef) -> str:
+    """What to do with a PV/PVC of a desired name that already exists: "ours" | "adopt" | "foreign".
+
+    KServe creates the same names without our labels; without adoption every pass would get a 409
+    and the volume would never be cleaned up. Adopted: its controller owner is this cache (by uid, or
+    by kind and name when the cache was re-created), or it has no owner and points where ours would
+    (a PVC bound to our PV name, a PV on our path). Anything else belongs to someone else.
+    """
+    meta = existing.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get(MANAGED_BY_LABEL) == MANAGED_BY and labels.get(VOLUME_ROLE_LABEL):
+        return "ours"
+    owners = meta.get("ownerReferences") or []
+    for owner in owners:
+        if owner.get("kind") != cache.kind:
+            continue
+        if (cache.uid and owner.get("uid") == cache.uid) or owner.get("name") == cache.name:
+            return "adopt"
+    if owners:
+        return "foreign"
+    have, want = existing.get("spec") or {}, desired.get("spec") or {}
+    if existing.get("kind", desired.get("kind")) == "PersistentVolumeClaim":
+        same = bool(have.get("volumeName")) and have.get("volumeName") == want.get("volumeName")
+    else:
+        same = _local_path(have) is not None and _local_path(have) == _local_path(want)
+    return "adopt" if same else "foreign"
+
+
+def adoption_patch(desired: Mapping[str, Any]) -> dict[str, Any]:
+    """Our labels and annotation merged onto an adopted PV/PVC (its spec is immutable; owner kept)."""
+    meta = desired["metadata"]
+    out: dict[str, Any] = {"labels": meta["labels"], "annotations": meta["annotations"]}
+    return {"metadata": out}
+
+
 def _volume_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
     meta = obj["metadata"]
     return (str(obj["kind"]), str(meta.get("namespace") or ""), str(meta["name"]))
@@ -833,6 +876,28 @@ AGENT_SETTING_KEYS = frozenset(
         "env", "podLabels", "podAnnotations",
     }
 )  # fmt: skip
+
+
+def foreign_agent_image(image: str) -> bool:
+    """KServe's Go agent (`kserve/kserve-localmodelnode-agent`, any registry or tag): it would run
+    with our arguments and download nothing, so `localModelAgentImage` naming it is ignored."""
+    repo = image.split("@", 1)[0]
+    last = repo.rsplit("/", 1)[-1]
+    name = last.split(":", 1)[0]
+    return "kserve-localmodelnode-agent" in name or "localmodelnode-agent" in name
+
+
+def agent_image(config: LocalModelConfig, image: str) -> tuple[str, str | None]:
+    """The agent image to run, and a warning when KServe's `localModelAgentImage` was ignored."""
+    configured = str((config.model_extra or {}).get("localModelAgentImage") or "")
+    if not configured:
+        return image, None
+    if foreign_agent_image(configured):
+        return image, (
+            f"inferenceservice-config localModelAgentImage {configured} is KServe's agent, which cannot "
+            f"run as modelcache's agent; ignored, using {image} (remove the key or set agent.image)"
+        )
+    return configured, None
 
 
 def _pod_meta(labels: dict[str, Any], annotations: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -891,7 +956,7 @@ def agent_daemonset(
         "containers": [
             {
                 "name": "agent",
-                "image": str(extra.get("localModelAgentImage") or image),
+                "image": agent_image(config, image)[0],
                 "args": ["agent", "--namespace", namespace],
                 "env": [
                     {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
@@ -1110,7 +1175,11 @@ def _daemonsets(observed: Observed, out: Plan) -> None:
     if observed.daemonsets is None:
         return
     desired: set[str] = set()
+    _, ignored = agent_image(observed.config, observed.agent_image)
     for name, group in sorted(observed.groups.items()):
+        if ignored and not (observed.agent_settings or {}).get("image"):
+            ref = ObjectRef(API_VERSION, "LocalModelNodeGroup", name, "", group.uid)
+            out.events.append(Event(ref, "Warning", "ForeignAgentImage", ignored))
         ds = agent_daemonset(
             group, observed.namespace, observed.config, observed.agent_image, observed.agent_settings
         )

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from modelcache.errors import ConflictError, IntegrityError, NotFoundError, UsageError
+from modelcache.errors import IntegrityError, NotFoundError, UsageError
 from modelcache.quantity import format_bytes, parse_quantity
 from modelcache.safepath import printable
 from modelcache.store import ModelRecord, Store
@@ -232,14 +232,6 @@ def show(ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> 
 
 
 # -- change ------------------------------------------------------------------------------------
-def _is_model(store: Store, ref: str) -> bool:
-    """Is `ref` a published model (complete, or damaged, e.g. a symlink at models/<key>)?"""
-    try:
-        return store.lookup(ref) is not None
-    except IntegrityError:
-        return True
-
-
 @app.command()
 def rm(
     refs: Annotated[list[str], typer.Argument(help="URIs or keys.")],
@@ -247,43 +239,15 @@ def rm(
     force: Annotated[bool, typer.Option("--force", help="Also remove pinned models.")] = False,
 ) -> None:
     """Remove models (or interrupted downloads). Pinned ones need --force; models in use are never removed."""
+    from modelcache.store.plans import observe_targets, plan_removal
+
     store = G.store()
-    partial = [r for r in refs if not _is_model(store, r) and store.staging_dir(store.key_for(r)).is_dir()]
-    for ref in partial:
-        key = store.key_for(ref)
-        if dry_run:
-            sys.stdout.write(f"would remove partial download {key}\n")
-        else:
-            freed = store.remove_partial(key)
-            sys.stdout.write(f"removed partial download {key} {format_bytes(freed)}\n")
-    recs: list[ModelRecord] = []
-    damaged: list[str] = []  # e.g. a symlink planted at models/<key>: removable with --force only
-    for r in refs:
-        if r in partial:
-            continue
-        try:
-            recs.append(store.get(r))
-        except IntegrityError:
-            if not force:
-                raise
-            damaged.append(store.key_for(r))
-    for rec in recs:
-        if rec.pinned and not force:
-            raise ConflictError(f"{_shown(rec.uri)} is pinned; unpin it or use --force")
-        if rec.in_use:
-            raise ConflictError(f"{_shown(rec.uri)} is in use; stop its users first")
-    for key in damaged:
-        if dry_run:
-            sys.stdout.write(f"would remove damaged {key}\n")
-        else:
-            store.remove(key, force=True)
-            sys.stdout.write(f"removed damaged {key}\n")
-    for rec in recs:
-        if dry_run:
-            sys.stdout.write(f"would remove {rec.key} {format_bytes(rec.size_bytes)} {_shown(rec.uri)}\n")
-        else:
-            store.remove(rec.key, force=force)
-            sys.stdout.write(f"removed {rec.key} {format_bytes(rec.size_bytes)} {_shown(rec.uri)}\n")
+    plan = plan_removal(observe_targets(store, refs, force=force), force=force)
+    plan.check()
+    done = plan.removals if dry_run else plan.execute(store).removed
+    for r in done:
+        size = f" {format_bytes(r.size_bytes)}" if r.kind != "damaged" else ""
+        sys.stdout.write(f"{'would remove' if dry_run else 'removed'} {r.describe()}{size}\n")
 
 
 @app.command()
@@ -332,49 +296,44 @@ def verify(
 
 @app.command()
 def gc(
-    max_size: Annotated[str, typer.Option("--max-size", help="Shrink the cache to this size, e.g. 100Gi.")],
+    max_size: Annotated[
+        str | None, typer.Option("--max-size", help="Shrink the cache to this size, e.g. 100Gi.")
+    ] = None,
+    older_than: Annotated[
+        str | None, typer.Option("--older-than", help="Remove models unused for this long, e.g. 7d.")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan only.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Evict least-recently-used models until the cache fits; pinned and in-use models stay."""
-    from modelcache.store.evict import plan_eviction
+    """Remove models unused for --older-than, then least-recently-used ones until the cache fits
+    --max-size; pinned and in-use models stay."""
+    from modelcache.duration import parse_duration
+    from modelcache.store.plans import observe_candidates, plan_gc
 
-    target = parse_quantity(max_size)
+    if max_size is None and older_than is None:
+        raise UsageError("gc needs --max-size and/or --older-than")
+    target = parse_quantity(max_size) if max_size is not None else None
+    age = parse_duration(older_than, "--older-than") if older_than is not None else None
     store = G.store()
-    store.repair()
-    candidates = store.candidates()
-    plan = plan_eviction(candidates, target)
-    sizes = {c.key: c.size_bytes for c in candidates}
-    removed: list[str] = []
-    for key in plan.evict:
-        if not dry_run:
-            try:
-                store.remove(key)
-            except (ConflictError, NotFoundError) as exc:  # became in use or vanished meanwhile
-                log.warning("skipped %s: %s", key, exc)
-                continue
-        removed.append(key)
+    plan = plan_gc(observe_candidates(store), max_size=target, older_than=age, now=time.time())
+    done = plan.removals if dry_run else plan.execute(store).removed
     if as_json:
         _emit_json(
             {
+                **plan.as_dict(),
                 "dry_run": dry_run,
-                "evict": removed,
-                "protected": plan.protected,
-                "total_before": plan.total_before,
-                "total_after": plan.total_after,
-                "target": target,
-                "satisfied": plan.satisfied,
+                "evict": [r.key for r in done],
+                "older_than": age,
+                "freed": sum(r.size_bytes for r in done),
             }
         )
     else:
         verb = "would evict" if dry_run else "evicted"
-        for key in removed:
-            sys.stdout.write(f"{verb} {key} {format_bytes(sizes[key])}\n")
-        sys.stdout.write(
-            f"{format_bytes(plan.total_before)} -> {format_bytes(plan.total_after)} "
-            f"(target {format_bytes(target)})\n"
-        )
-    if not plan.satisfied:
+        for r in done:
+            sys.stdout.write(f"{verb} {r.key} {format_bytes(r.size_bytes)} ({r.reason})\n")
+        goal = f" (target {format_bytes(target)})" if target is not None else ""
+        sys.stdout.write(f"{format_bytes(plan.total_before)} -> {format_bytes(plan.total_after)}{goal}\n")
+    if not plan.satisfied and target is not None:
         log.warning(
             "pinned or in-use models alone exceed %s; nothing else can be evicted", format_bytes(target)
         )

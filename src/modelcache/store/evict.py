@@ -13,6 +13,11 @@ class Candidate:
     pinned: bool = False
     in_use: bool = False
     referenced: bool = False  # wanted by a LocalModelNode (agent) — never evicted
+    uri: str = ""  # redacted, for display only
+
+    @property
+    def protected(self) -> bool:
+        return self.pinned or self.in_use or self.referenced
 
 
 @dataclass(frozen=True)
@@ -39,13 +44,13 @@ def plan_eviction(models: list[Candidate], target_bytes: int) -> EvictionPlan:
     plan says so (`satisfied` is False) instead of evicting anything else it cannot justify.
     """
     total = sum(m.size_bytes for m in models)
-    protected = [m.key for m in models if m.pinned or m.in_use or m.referenced]
+    protected = [m.key for m in models if m.protected]
     evict: list[str] = []
     if total > target_bytes:
         for m in sorted(models, key=lambda m: (m.last_used_at, m.key)):
             if total <= target_bytes:
                 break
-            if m.pinned or m.in_use or m.referenced:
+            if m.protected:
                 continue
             evict.append(m.key)
             total -= m.size_bytes

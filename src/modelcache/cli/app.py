@@ -306,7 +306,7 @@ def gc(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Remove models unused for --older-than, then least-recently-used ones until the cache fits
-    --max-size; pinned and in-use models stay."""
+    --max-size; pinned and in-use models stay. Also compacts the usage log (`modelcache stats`)."""
     from modelcache.duration import parse_duration
     from modelcache.store.plans import observe_candidates, plan_gc
 
@@ -317,6 +317,10 @@ def gc(
     store = G.store()
     plan = plan_gc(observe_candidates(store), max_size=target, older_than=age, now=time.time())
     done = plan.removals if dry_run else plan.execute(store).removed
+    if not dry_run:
+        from modelcache.stats import compact
+
+        compact(store.root)
     if as_json:
         _emit_json(
             {
@@ -337,6 +341,45 @@ def gc(
         log.warning(
             "pinned or in-use models alone exceed %s; nothing else can be evicted", format_bytes(target)
         )
+
+
+@app.command()
+def stats(
+    since: Annotated[
+        str | None, typer.Option("--since", help="Window: the last D (e.g. 24h, 7d); default all time.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    textfile: Annotated[
+        Path | None,
+        typer.Option("--textfile", help="Also write the figures for Prometheus' textfile collector."),
+    ] = None,
+) -> None:
+    """Size, models and volume use of the cache; hit rate and time saved by `initialize` hits."""
+    from modelcache.duration import format_duration, parse_duration
+    from modelcache.stats import observe, prometheus, write_textfile
+
+    now = time.time()
+    window = parse_duration(since, "--since") if since is not None else None
+    s = observe(G.store().root, now - window if window is not None else None, now)
+    if textfile is not None:
+        write_textfile(textfile, prometheus(s))
+    if as_json:
+        _emit_json(s.as_dict())
+        return
+    vol = s.volume
+    used = f"; volume {format_bytes(vol.total)}, {vol.used * 100 // max(vol.total, 1)}% used, " if vol else ""
+    free = f"{format_bytes(vol.free)} free" if vol else ""
+    rate = f"{s.hit_rate:.1%}" if s.hit_rate is not None else "-"
+    modes = ", ".join(f"{m} {n}" for m, n in sorted(s.modes.items())) or "-"
+    lines = [
+        f"cache:      {s.models} model(s), {format_bytes(s.size_bytes)}{used}{free}",
+        f"window:     {'last ' + format_duration(window) if window is not None else 'all time'}",
+        f"starts:     {s.starts} ({s.hits} hit(s), {s.misses} miss(es)); hit rate {rate}",
+        f"served:     {format_bytes(s.bytes_served)} ({modes}); "
+        f"downloaded {format_bytes(s.bytes_downloaded)}",
+        f"time saved: {format_duration(s.time_saved_seconds)} ({s.time_saved_seconds:.1f} s)",
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 # -- air-gapped bundles ------------------------------------------------------------------------
@@ -394,7 +437,7 @@ def initialize(
         )
 
 
-_OPTIONAL = ("dev", "controller", "agent", "webhook")
+_OPTIONAL = ("dev", "controller", "agent", "webhook", "kserve")
 
 
 def _mount_optional(only: str | None = None) -> None:
@@ -420,6 +463,8 @@ def _mount_optional(only: str | None = None) -> None:
                 name="dev",
                 help="Local control plane (etcd + kube-apiserver) for trying the operator.",
             )
+        elif name == "kserve":
+            app.add_typer(module.app, name="kserve", help="Migrating from KServe's local model cache.")
         else:
             app.command(name)(module.main)
 

@@ -24,9 +24,19 @@ from lightkube.resources.core_v1 import Event as CoreEvent
 from lightkube.resources.core_v1 import Node, PersistentVolume, PersistentVolumeClaim
 from lightkube.types import PatchType
 
-from modelcache.api.types import GROUP, VERSION
+from modelcache.api.types import API_VERSION, GROUP, VERSION
+from modelcache.kube.constants import MANAGED_BY, MANAGED_BY_LABEL
 
-from .reconcile import Event, FinalizerPatch, ObjectRef, Plan, Volume, adoption_patch, volume_adoption
+from .reconcile import (
+    Event,
+    FinalizerPatch,
+    ObjectRef,
+    Plan,
+    Volume,
+    adoption_patch,
+    foreign_agent_image,
+    volume_adoption,
+)
 
 log = logging.getLogger("modelcache.controller")
 
@@ -265,6 +275,11 @@ class Writer:
             except ApiError as exc:
                 if exc.status.code != 409:
                     raise
+            existing = (await self.client.get(DaemonSet, meta["name"], namespace=meta["namespace"])).to_dict()
+            labels = (existing.get("metadata") or {}).get("labels") or {}
+            if labels.get(MANAGED_BY_LABEL) != MANAGED_BY:
+                await self._replace_foreign_daemonset(existing, body)
+                return
             # Exists with another spec: merge-patch ours over it (labels, annotations, spec).
             patch = {
                 "metadata": {"labels": meta["labels"], "annotations": meta["annotations"]},
@@ -275,6 +290,25 @@ class Writer:
             )
 
         return job
+
+    async def _replace_foreign_daemonset(self, existing: dict[str, Any], body: dict[str, Any]) -> None:
+        """`<group>-agent` made by KServe (its Go agent): delete it so ours takes the name; anything
+        else of that name is someone else's and is left alone, with a warning."""
+        meta = body["metadata"]
+        spec = ((existing.get("spec") or {}).get("template") or {}).get("spec") or {}
+        images = [str(c.get("image") or "") for c in spec.get("containers") or []]
+        owner = meta["ownerReferences"][0] if meta.get("ownerReferences") else None
+        ref = ObjectRef(API_VERSION, "LocalModelNodeGroup", owner["name"] if owner else meta["name"], "", "")
+        where = f"DaemonSet {meta['namespace']}/{meta['name']}"
+        if not any(foreign_agent_image(i) for i in images):
+            message = f"{where} exists and is not ours; no agent runs for this group until it is removed"
+            await self.post_events([Event(ref, "Warning", "AgentConflict", message)])
+            raise RuntimeError(message)
+        await self.client.delete(DaemonSet, meta["name"], namespace=meta["namespace"])
+        log.warning("deleted KServe's agent %s (images %s); ours replaces it", where, ", ".join(images))
+        message = f"{where} ran KServe's agent ({', '.join(images)}); deleted, ours replaces it"
+        await self.post_events([Event(ref, "Warning", "ReplacedKServeAgent", message)])
+        raise RuntimeError(f"{where}: KServe's agent deleted; ours is created on the next pass")
 
     # -- events ----------------------------------------------------------------------------------------
 

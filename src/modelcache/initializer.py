@@ -14,6 +14,9 @@ root pod wrote to is taken out of the cache (under the download lock) and downlo
 the next pod never gets the tampered bytes. Reflinks/copies would make that impossible but cost
 a full copy per pod on filesystems without reflink (ext4, NFS), which is what RWX volumes are.
 
+Every hit and miss against a cache dir is appended to the cache's usage log (`stats.py`: one file
+per process, no locks, safe on NFS), which `modelcache stats` and its Prometheus textfile read.
+
 The lease on the model is taken before the lookup, so `rm`/`gc` cannot remove it between "hit"
 and the links; whatever fails, DEST is left as we found it (and a full disk is exit 5).
 """
@@ -35,6 +38,7 @@ from modelcache.engine import PullResult, pull
 from modelcache.errors import InsufficientSpaceError, IntegrityError, NotFoundError, UsageError
 from modelcache.safepath import UnsafeNameError, join_under, printable
 from modelcache.sources.base import SourceOptions
+from modelcache.stats import Event, record
 from modelcache.store import Store
 from modelcache.store.core import check_root
 from modelcache.store.manifest import FileEntry
@@ -220,6 +224,7 @@ async def initialize(uri: str, dest: Path, *, cache_dir: Path | None) -> InitRes
             with store.lease(key):  # before the lookup: nobody may evict it from "hit" to the links
                 result, method = await _from_cache(store, uri, key, dest, options)
             res = InitResult(uri, dest, result.hit, method, time.monotonic() - t0, result.record.size_bytes)
+            record_use(store.root, key, res)
         else:
             # No cache: the engine still does the work (parallel, verified), in a private store
             # inside DEST that is moved into place and removed, so nothing is written outside DEST.
@@ -245,6 +250,20 @@ async def initialize(uri: str, dest: Path, *, cache_dir: Path | None) -> InitRes
         res.seconds,
     )
     return res
+
+
+def record_use(root: Path, key: str, res: InitResult) -> None:
+    """One line in the cache's usage log (`modelcache stats`): hit or miss, how, bytes, seconds."""
+    event = Event(
+        ts=time.time(),
+        key=key,
+        uri=res.uri,
+        hit=res.hit,
+        mode="link" if res.method == "hardlink" else "copy",
+        bytes=res.bytes,
+        seconds=res.seconds,
+    )
+    record(root, event)
 
 
 def check_dest(dest: Path) -> Path:

@@ -16,6 +16,7 @@ from typing import Annotated, ParamSpec, TypeVar
 import typer
 
 from modelcache import dev
+from modelcache.dev import realnode
 from modelcache.errors import EXIT_INTERNAL, EXIT_NOT_FOUND, EXIT_USAGE, ModelcacheError
 
 app = typer.Typer(
@@ -74,6 +75,23 @@ def up(
     timeout: Annotated[
         float, typer.Option(help="seconds to wait for each server")
     ] = dev.controlplane.DEFAULT_TIMEOUT,
+    real_node: Annotated[
+        bool,
+        typer.Option(
+            "--real-node",
+            help="also run a real worker (kubelet, containerd, kube-proxy, DNS) with the Helm chart "
+            "installed on it; root, one per machine",
+        ),
+    ] = False,
+    image: Annotated[
+        Path | None, typer.Option(help="image archive for --real-node [default: dist/modelcache-image.tar]")
+    ] = None,
+    chart: Annotated[
+        Path | None, typer.Option(help="chart for --real-node [default: charts/modelcache]")
+    ] = None,
+    helm_set: Annotated[
+        list[str] | None, typer.Option("--set", help="extra helm value for --real-node (repeatable)")
+    ] = None,
 ) -> None:
     """Start etcd and kube-apiserver, apply CRDs, create nodes; print `export KUBECONFIG=...`."""
     if not 0 <= nodes <= dev.controlplane.MAX_NODES:
@@ -82,7 +100,13 @@ def up(
     if timeout <= 0:
         _err("error: --timeout must be positive")
         raise typer.Exit(EXIT_USAGE)
-    info = dev.up(home, nodes, timeout=timeout, progress=_err, with_components=True)
+    options = None
+    if real_node:
+        options = realnode.options(image, chart, helm_values=helm_set or ())
+    elif image or chart or helm_set:
+        _err("error: --image, --chart and --set need --real-node")
+        raise typer.Exit(EXIT_USAGE)
+    info = dev.up(home, nodes, timeout=timeout, progress=_err, with_components=True, real_node=options)
     _err(f"logs: {info.logs}")
     typer.echo(f"export KUBECONFIG={shlex.quote(str(info.kubeconfig))}")
 

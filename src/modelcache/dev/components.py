@@ -62,15 +62,22 @@ def _webhook_registered(client: Client) -> Callable[[], bool]:
 
 
 def plan(
-    kubeconfig: Path, nodes: Sequence[str], node_root: Callable[[str], Path], client: Client
+    kubeconfig: Path,
+    nodes: Sequence[str],
+    node_root: Callable[[str], Path],
+    client: Client,
+    operator: bool = True,
 ) -> list[Component]:
-    """What to start, in order. Pure apart from choosing free ports."""
+    """What to start, in order. Pure apart from choosing free ports.
+
+    Without `operator`, only the agents: the controller and webhook run elsewhere (as pods).
+    """
     import os
 
     cli = [sys.executable, "-m", "modelcache.cli.main"]
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     out: list[Component] = []
-    if importlib.util.find_spec("modelcache.controller") is not None:
+    if operator and importlib.util.find_spec("modelcache.controller") is not None:
         port = free_port()
         argv = [
             *cli,
@@ -85,7 +92,7 @@ def plan(
             "127.0.0.1",
         ]
         out.append(Component("controller", argv, env, _http_ok(f"http://127.0.0.1:{port}/healthz")))
-    if importlib.util.find_spec("modelcache.webhook") is not None:
+    if operator and importlib.util.find_spec("modelcache.webhook") is not None:
         port = free_port()
         argv = [
             *cli,
@@ -141,6 +148,7 @@ def start(
     running: Mapping[str, ProcessRecord],
     progress: Callable[[str], None],
     timeout: float = 60.0,
+    operator: bool = True,
 ) -> list[ProcessRecord]:
     """Start every component not already running; return the records of all of them."""
     try:
@@ -153,7 +161,7 @@ def start(
             progress(f"{name}: skipped (not in this build)")
     records: list[ProcessRecord] = []
     started: list[tuple[Component, ProcessRecord]] = []
-    for comp in plan(kubeconfig, nodes, node_root, client):
+    for comp in plan(kubeconfig, nodes, node_root, client, operator):
         old = running.get(comp.name)
         if old is not None and is_alive(old):
             records.append(old)

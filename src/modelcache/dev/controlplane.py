@@ -42,10 +42,10 @@ from typing import Any, Literal
 import yaml
 from lightkube import ApiError, Client, KubeConfig
 
-from modelcache.errors import ModelcacheError, NotFoundError, UsageError
+from modelcache.errors import ConflictError, ModelcacheError, NotFoundError, UsageError
 
 from . import bootstrap as boot
-from . import components
+from . import components, realnode
 from .pki import CertKey, Pki
 from .processes import ProcessRecord, free_port, is_alive, log_tail, spawn, stop
 
@@ -195,6 +195,10 @@ class Layout:
     def lock(self) -> Path:
         return self.dir / ".lock"
 
+    @property
+    def node_dir(self) -> Path:
+        return self.dir / "node"
+
 
 # --- kubeconfig -----------------------------------------------------------------------------------
 
@@ -259,6 +263,7 @@ class ControlPlaneInfo:
     crds: tuple[str, ...] = ()
     started_at: str = ""
     ready: bool = False
+    real_node: Mapping[str, Any] | None = None
 
     @property
     def layout(self) -> Layout:
@@ -302,6 +307,7 @@ class ControlPlaneInfo:
             "crds": list(self.crds),
             "started_at": self.started_at,
             "ready": self.ready,
+            **({"real_node": dict(self.real_node)} if self.real_node is not None else {}),
         }
 
     @classmethod
@@ -318,6 +324,7 @@ class ControlPlaneInfo:
             crds=tuple(data.get("crds", ())),
             started_at=str(data.get("started_at", "")),
             ready=bool(data.get("ready", False)),
+            real_node=data.get("real_node") if isinstance(data.get("real_node"), dict) else None,
         )
 
 
@@ -341,27 +348,35 @@ def _read_state(layout: Layout) -> dict[str, Any] | None:
 
 
 def _recorded_processes(data: Mapping[str, Any]) -> list[ProcessRecord]:
-    """Every process a (possibly half-written) state records: our components, then apiserver, etcd."""
+    """Every process a (possibly half-written) state records: our components, the real node's, then
+    apiserver, etcd."""
     servers = [
         ProcessRecord.from_json(data[k]) for k in ("apiserver", "etcd") if isinstance(data.get(k), dict)
     ]
-    return [*components.records_from_state(data), *servers]
+    node = realnode.processes(data["real_node"]) if isinstance(data.get("real_node"), dict) else []
+    return [*components.records_from_state(data), *node, *servers]
 
 
 def _start_components(
     layout: Layout, info: ControlPlaneInfo, before: Mapping[str, Any], say: Progress
 ) -> None:
-    """Start (or keep) the controller, webhook and one agent per node; record them for `down`."""
+    """Start (or keep) the controller, webhook and one agent per simulated node; record them for `down`.
+
+    With a real node the chart runs the controller and webhook as pods; only the simulated nodes'
+    agents run as local processes.
+    """
     running = {r.name: r for r in components.records_from_state(before)}
+    simulated = [n for n in info.nodes if n != realnode.NODE_NAME]
     with info.client() as client:
         records = components.start(
             client,
             info.kubeconfig,
-            info.nodes,
+            simulated,
             lambda node: layout.dir / "nodes" / node,
             layout.logs,
             running,
             say,
+            operator=info.real_node is None,
         )
     state = info.to_json()
     state["components"] = [r.to_json() for r in records]
@@ -471,15 +486,19 @@ def _etcd_argv(etcd: Path, layout: Layout, client_port: int, peer_port: int) -> 
     ]
 
 
-def _apiserver_argv(apiserver: Path, layout: Layout, port: int, etcd_url: str) -> list[str]:
+def _apiserver_argv(
+    apiserver: Path, layout: Layout, port: int, etcd_url: str, real: bool = False
+) -> list[str]:
+    """Loopback-only flags for the quick playground; with `real`, what pods on a real node need."""
     pki = layout.pki
-    return [
+    host = realnode.NODE_IP if real else "127.0.0.1"
+    common = [
         str(apiserver),
         f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1",
+        f"--bind-address={host}",
         f"--secure-port={port}",
         "--insecure-port=0",
-        "--advertise-address=127.0.0.1",
+        f"--advertise-address={host}",
         f"--cert-dir={pki.dir}",
         f"--tls-cert-file={pki.serving_cert}",
         f"--tls-private-key-file={pki.serving_key}",
@@ -487,14 +506,21 @@ def _apiserver_argv(apiserver: Path, layout: Layout, port: int, etcd_url: str) -
         f"--service-account-key-file={pki.sa_pub}",
         f"--service-account-signing-key-file={pki.sa_key}",
         "--service-account-issuer=https://kubernetes.default.svc",
-        "--authorization-mode=RBAC",
         f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+        "--allow-privileged=true",
+        "--profiling=false",
+    ]
+    if real:
+        # Default endpoint reconciler (the bridge IP is a valid endpoint), all default admission
+        # plugins (the controller-manager runs), kubelets reached by IP, never by resolving names.
+        return [*common, "--authorization-mode=Node,RBAC", "--kubelet-preferred-address-types=InternalIP"]
+    return [
+        *common,
+        "--authorization-mode=RBAC",
         f"--disable-admission-plugins={','.join(DISABLED_ADMISSION_PLUGINS)}",
         # The default "lease" reconciler would publish 127.0.0.1 as the kubernetes service endpoint,
         # which Endpoints validation rejects (loopback) and logs forever.
         "--endpoint-reconciler-type=none",
-        "--allow-privileged=true",
-        "--profiling=false",
     ]
 
 
@@ -526,18 +552,27 @@ def _stop_all(records: Sequence[ProcessRecord]) -> list[str]:
 
 
 def _start_servers(
-    layout: Layout, apiserver_bin: Path, etcd_bin: Path, timeout: float, progress: Progress
+    layout: Layout,
+    apiserver_bin: Path,
+    etcd_bin: Path,
+    timeout: float,
+    progress: Progress,
+    extra_state: Callable[[], Mapping[str, Any]] = dict,
 ) -> ControlPlaneInfo:
     """Start etcd then kube-apiserver on fresh free ports; retry when a port was taken meanwhile."""
     last_error: ControlPlaneError | None = None
     for _attempt in range(3):
         shutil.rmtree(layout.etcd_data, ignore_errors=True)
-        client_port, peer_port, api_port = free_port(), free_port(), free_port()
+        extra = dict(extra_state())
+        real = "real_node" in extra
+        host = realnode.NODE_IP if real else "127.0.0.1"
+        client_port, peer_port, api_port = free_port(), free_port(), free_port(host)
         while len({client_port, peer_port, api_port}) < 3:
-            peer_port, api_port = free_port(), free_port()
+            peer_port, api_port = free_port(), free_port(host)
         etcd_url = f"http://127.0.0.1:{client_port}"
-        server = f"https://127.0.0.1:{api_port}"
+        server = f"https://{host}:{api_port}"
         state: dict[str, Any] = {
+            **extra,
             "version": STATE_VERSION,
             "home": str(layout.home),
             "server": server,
@@ -562,7 +597,7 @@ def _start_servers(
 
             api_proc, api_rec = spawn(
                 "kube-apiserver",
-                _apiserver_argv(apiserver_bin, layout, api_port, etcd_url),
+                _apiserver_argv(apiserver_bin, layout, api_port, etcd_url, real),
                 layout.logs / "kube-apiserver.log",
                 _child_env("KUBE_"),
             )
@@ -612,8 +647,13 @@ def up(
     timeout: float = DEFAULT_TIMEOUT,
     progress: Progress | None = None,
     with_components: bool = False,
+    real_node: realnode.Options | None = None,
 ) -> ControlPlaneInfo:
     """Start (or reuse) the control plane under `home` and return once it is ready and seeded.
+
+    With `real_node`, the apiserver serves on the node bridge and a real worker (kubelet, containerd,
+    kube-proxy, DNS, controller-manager, scheduler) joins, with the chart installed on it
+    (see `realnode`). Root only; one per machine.
 
     With `with_components`, also run our controller, webhook and one agent per node as local
     processes (what `modelcache dev up` does; tests start their own under RBAC instead).
@@ -633,6 +673,11 @@ def up(
         if existing is not None:
             current = _status_unlocked(layout, existing)
             if current.phase == "running" and current.info is not None:
+                if real_node is not None and current.info.real_node is None:
+                    raise ConflictError(
+                        f"a control plane without a real node runs under {layout.home}: "
+                        "run `modelcache dev down` first"
+                    )
                 say(f"already running at {current.info.server}; reconciling CRDs and nodes")
                 info = _bootstrap(current.info, nodes, dirs, timeout)
                 _write_state(layout, {**existing, **info.to_json()})
@@ -640,17 +685,42 @@ def up(
                     _start_components(layout, info, existing, say)
                 return info
             say(f"cleaning up a stale control plane ({current.detail})")
-            _stop_all(_recorded_processes(existing))
-            _clean_runtime(layout)
+            _teardown(layout, existing)
 
         apiserver_bin, etcd_bin = find_kube_apiserver(), find_etcd()
+        binaries = None
+        if real_node is not None:
+            binaries = realnode.preflight(k8s_dir(), real_node, layout.node_dir)
         _clean_runtime(layout, keep_logs=False)
         layout.logs.mkdir(parents=True, exist_ok=True)
-        layout.pki.generate()
+        node_record: dict[str, Any] | None = None
+
+        def save_node(record: dict[str, Any]) -> None:
+            data = _read_state(layout) or {"version": STATE_VERSION, "home": str(layout.home)}
+            _write_state(layout, {**data, "real_node": record})
+
+        if real_node is not None:
+            node_record = realnode.record_host()
+            try:
+                save_node(node_record)
+                realnode.create_bridge(node_record, save_node)
+            except BaseException:
+                _teardown(layout, _read_state(layout) or {})
+                raise
+            say(f"bridge {realnode.BRIDGE} up at {realnode.NODE_IP}")
+        sans = [realnode.NODE_IP, realnode.KUBERNETES_SERVICE_IP, "kubernetes.default.svc.cluster.local"]
+        layout.pki.generate(extra_sans=sans if real_node is not None else ())
         try:
-            info = _start_servers(layout, apiserver_bin, etcd_bin, timeout, say)
+            info = _start_servers(
+                layout,
+                apiserver_bin,
+                etcd_bin,
+                timeout,
+                say,
+                lambda: {} if node_record is None else {"real_node": node_record},
+            )
         except BaseException:
-            _clean_runtime(layout)  # its processes are already stopped
+            _teardown(layout, _read_state(layout) or {})  # its server processes are already stopped
             raise
         try:
             write_kubeconfig(
@@ -664,15 +734,42 @@ def up(
                 say("no CRD directories given; applying none")
             info = _bootstrap(info, nodes, dirs, timeout)
             say(f"{len(info.crds)} CRDs established, {len(info.nodes)} nodes Ready")
-            info = dataclasses.replace(info, started_at=_now())
+            info = dataclasses.replace(info, started_at=_now(), real_node=node_record)
             _write_state(layout, info.to_json())
+            if real_node is not None and node_record is not None and binaries is not None:
+                with info.client() as client:
+                    realnode.start(
+                        paths=realnode.Paths(layout.node_dir),
+                        binaries=binaries,
+                        options=real_node,
+                        record=node_record,
+                        save=save_node,
+                        say=say,
+                        client=client,
+                        kubeconfig=info.kubeconfig,
+                        pki=layout.pki,
+                        server=info.server,
+                        timeout=max(timeout, 300.0),
+                    )
+                info = dataclasses.replace(info, nodes=(*info.nodes, realnode.NODE_NAME))
+                _write_state(layout, {**(_read_state(layout) or {}), **info.to_json()})
             if with_components:
                 _start_components(layout, info, {}, say)
         except BaseException:
-            _stop_all([*_recorded_processes(_read_state(layout) or {}), info.apiserver, info.etcd])
-            _clean_runtime(layout)
+            _teardown(layout, {**(_read_state(layout) or {}), "apiserver": info.apiserver.to_json(),
+                               "etcd": info.etcd.to_json()})  # fmt: skip
             raise
         return info
+
+
+def _teardown(layout: Layout, data: Mapping[str, Any]) -> list[str]:
+    """Undo a (possibly half-written) recorded state: the real node, every process, runtime files."""
+    stopped: list[str] = []
+    if isinstance(data.get("real_node"), dict):
+        stopped += realnode.teardown(data["real_node"], layout.node_dir)
+    stopped += _stop_all(_recorded_processes(data))
+    _clean_runtime(layout)
+    return stopped
 
 
 def _now() -> str:
@@ -692,9 +789,7 @@ def down(home: Path | None = None) -> list[str]:
         data = _read_state(layout)
         if data is None:
             return []
-        stopped = _stop_all(_recorded_processes(data))
-        _clean_runtime(layout)
-        return stopped
+        return _teardown(layout, data)
 
 
 Phase = Literal["running", "degraded", "stopped"]

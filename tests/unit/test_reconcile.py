@@ -462,7 +462,7 @@ def test_isvc_nodegroup_annotation_picks_group() -> None:
 def test_capacity_first_come_first_served() -> None:
     g = group(limit="15Gi")
     first = cache("first", size="10Gi", created="2026-01-01T00:00:00Z")
-    second = cache("second", size="10Gi", created="2026-01-01T00:00:01Z")
+    second = cache("second", size="10Gi", created="2026-01-01T00:00:01Z", uri=URI + "-other")
     plan = r.plan(observed(nodes=[node("n1", gpu="a100")], groups=[g], caches=[second, first]), NOW)
     entries = plan.lmn_creates[0]["spec"]["localModels"]
     assert [e["modelName"] for e in entries] == ["first"]

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from modelcache.api.types import LocalModelInfo, LocalModelNodeSpec, ModelProgress, ModelStatus
+from modelcache.domain import pvc_name, status_key
 from modelcache.quantity import format_bytes
 from modelcache.uri import storage_key
 
@@ -35,8 +36,7 @@ class Entry:
     @property
     def status_key(self) -> str:
         """KServe's key in status.modelStatus: modelName, or namespace/modelName."""
-        ns = self.info.namespace
-        return f"{ns}/{self.info.modelName}" if ns else self.info.modelName
+        return status_key(self.info.namespace, self.info.modelName)
 
     @property
     def uri(self) -> str:
@@ -49,7 +49,7 @@ class Entry:
     def pvc_name(self, default_group: str | None) -> str | None:
         """KServe's PVC name for pods using this model: `<cache>-<group>`."""
         group = self.info.nodeGroup or default_group
-        return f"{self.info.modelName}-{group}" if group else None
+        return pvc_name(self.info.modelName, group) if group else None
 
 
 def entries(spec: LocalModelNodeSpec | None, node_group: str | None = None) -> list[Entry]:

@@ -23,7 +23,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelcache import domain
 from modelcache.api.types import API_VERSION, ModelStatus, NodeStatus
+from modelcache.domain import (
+    REASON_GROUP_MISSING,
+    REASON_STORAGE_LIMIT,
+    Claim,
+    Placement,
+    Requirement,
+    StoragePolicy,
+    Term,
+    parse_terms,
+    requirement_matches,
+    status_key,
+)
 from modelcache.errors import UsageError
 from modelcache.kube.config import LocalModelConfig
 from modelcache.kube.constants import (
@@ -59,28 +72,14 @@ DEFAULT_AGENT_SERVICE_ACCOUNT = "modelcache-agent"
 
 CONDITION_READY = "Ready"
 CONDITION_SCHEDULED = "Scheduled"
-REASON_STORAGE_LIMIT = "StorageLimitExceeded"
-REASON_GROUP_MISSING = "NodeGroupNotFound"
+
+#: Re-exported: these rules live in `modelcache.domain`, shared with the webhook and the agent.
+__all__ = ["REASON_STORAGE_LIMIT", "Requirement", "requirement_matches"]
 
 _MAX_NAMES_IN_MESSAGE = 5
 
 
 # --- observed state (plain, immutable views of API objects) ---------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Requirement:
-    key: str
-    operator: str
-    values: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Term:
-    """One nodeSelectorTerm: expressions and fields are ANDed."""
-
-    expressions: tuple[Requirement, ...] = ()
-    fields: tuple[Requirement, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +135,7 @@ class Cache:
     @property
     def status_key(self) -> str:
         """Key in LocalModelNode status.modelStatus (KServe's GetStatusKey)."""
-        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return status_key(self.namespace, self.name)
 
     def entry(self, group: str) -> Entry:
         return Entry(
@@ -166,7 +165,7 @@ class Entry:
 
     @property
     def status_key(self) -> str:
-        return f"{self.namespace}/{self.model_name}" if self.namespace else self.model_name
+        return status_key(self.namespace, self.model_name)
 
     def to_wire(self) -> dict[str, Any]:
         """KServe's JSON (omitempty fields left out)."""
@@ -327,30 +326,6 @@ def _quantity(value: Any) -> int | None:
         return None
 
 
-def parse_requirement(raw: Mapping[str, Any]) -> Requirement:
-    return Requirement(
-        key=str(raw.get("key", "")),
-        operator=str(raw.get("operator", "")),
-        values=tuple(str(v) for v in raw.get("values") or ()),
-    )
-
-
-def parse_terms(pv_spec: Mapping[str, Any]) -> tuple[Term, ...]:
-    """`persistentVolumeSpec.nodeAffinity.required.nodeSelectorTerms`."""
-    required = ((pv_spec.get("nodeAffinity") or {}).get("required")) or {}
-    terms = []
-    for raw in required.get("nodeSelectorTerms") or ():
-        if not isinstance(raw, Mapping):
-            continue
-        terms.append(
-            Term(
-                expressions=tuple(parse_requirement(r) for r in raw.get("matchExpressions") or ()),
-                fields=tuple(parse_requirement(r) for r in raw.get("matchFields") or ()),
-            )
-        )
-    return tuple(terms)
-
-
 def node_from(obj: Mapping[str, Any]) -> Node:
     meta = _meta(obj)
     conditions = (obj.get("status") or {}).get("conditions") or ()
@@ -473,52 +448,13 @@ def volume_from(obj: Mapping[str, Any]) -> Volume | None:
 # --- node membership ------------------------------------------------------------------------------
 
 
-def _int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def requirement_matches(req: Requirement, value: str | None) -> bool:
-    """One NodeSelectorRequirement against a label (or field) value; None: absent. Kubernetes rules."""
-    op = req.operator
-    if op == "In":
-        return value is not None and value in req.values
-    if op == "NotIn":
-        return value is None or value not in req.values
-    if op == "Exists":
-        return value is not None
-    if op == "DoesNotExist":
-        return value is None
-    if op in ("Gt", "Lt"):
-        if value is None or len(req.values) != 1:
-            return False
-        have, want = _int(value), _int(req.values[0])
-        if have is None or want is None:
-            return False
-        return have > want if op == "Gt" else have < want
-    return False  # unknown operator: the API server would have rejected it; match nothing
-
-
 def term_matches(term: Term, node: Node) -> bool:
-    """A term with neither expressions nor fields matches nothing (MatchNodeSelectorTerms)."""
-    if not term.expressions and not term.fields:
-        return False
-    for req in term.expressions:
-        if not requirement_matches(req, node.labels.get(req.key)):
-            return False
-    for req in term.fields:
-        if req.key != "metadata.name" or req.operator not in ("In", "NotIn"):
-            return False
-        if not requirement_matches(req, node.name):
-            return False
-    return True
+    return domain.term_matches(term, node.name, node.labels)
 
 
 def node_in_group(group: NodeGroup, node: Node) -> bool:
-    """Terms are ORed; no nodeAffinity selects no node (KServe's CheckNodeAffinity)."""
-    return any(term_matches(term, node) for term in group.terms)
+    """Terms are ORed; no nodeAffinity selects no node (KServe's CheckNodeAffinity): domain.selects."""
+    return domain.selects(group.terms, node.name, node.labels)
 
 
 def group_members(group: NodeGroup, nodes: Iterable[Node]) -> list[str]:
@@ -528,45 +464,23 @@ def group_members(group: NodeGroup, nodes: Iterable[Node]) -> list[str]:
 # --- capacity -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where each cache may go. `placed[ref]`: its groups that exist and have room, in spec order."""
+def claim_of(cache: Cache) -> Claim:
+    return Claim(
+        ref=cache.ref,
+        key=storage_key(cache.source_uri),
+        size=cache.model_size,
+        groups=cache.node_groups,
+        created=cache.created,
+        deleting=cache.deleting,
+    )
 
-    placed: Mapping[tuple[str, str], tuple[str, ...]]
-    rejected: Mapping[tuple[str, str], tuple[tuple[str, str], ...]]  # ref -> ((group, reason), ...)
-    used: Mapping[str, int]  # group -> bytes of the caches placed on it
 
-
-def place(caches: Sequence[Cache], groups: Mapping[str, NodeGroup]) -> Placement:
-    """First come, first served: caches in creation order take room until storageLimit is reached.
-
-    A cache that does not fit a group is not sent to that group's nodes (its other groups still get
-    it). Caches being deleted take no room, so a rejected cache gets its place once room is freed.
-    """
-    used: dict[str, int] = dict.fromkeys(groups, 0)
-    placed: dict[tuple[str, str], tuple[str, ...]] = {}
-    rejected: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
-    for cache in sorted(caches, key=lambda c: (c.created, c.namespace, c.name)):
-        if cache.deleting:
-            continue
-        ok: list[str] = []
-        bad: list[tuple[str, str]] = []
-        for name in dict.fromkeys(cache.node_groups):
-            group = groups.get(name)
-            if group is None:
-                bad.append((name, REASON_GROUP_MISSING))
-                continue
-            size = cache.model_size
-            limit = group.storage_limit
-            if size is None or limit is None or used[name] + size > limit:
-                bad.append((name, REASON_STORAGE_LIMIT))
-                continue
-            used[name] += size
-            ok.append(name)
-        placed[cache.ref] = tuple(ok)
-        if bad:
-            rejected[cache.ref] = tuple(bad)
-    return Placement(placed=placed, rejected=rejected, used=used)
+def place(
+    caches: Sequence[Cache], groups: Mapping[str, NodeGroup], policy: StoragePolicy = StoragePolicy.ENFORCE
+) -> Placement:
+    """domain.place over the caches: first come, first served, a storage key counted once."""
+    limits = {n: g.storage_limit for n, g in groups.items()}
+    return domain.place([claim_of(c) for c in caches], limits, policy)
 
 
 def format_quantity(n: int) -> str:
@@ -1024,7 +938,7 @@ Wanted = dict[str, dict[tuple[str, str], Entry]]  # node -> (namespace, cache) -
 def plan(observed: Observed, now: str) -> Plan:
     """Desired vs observed for everything the controller owns. `now` stamps new condition times."""
     out = Plan()
-    placement = place(observed.caches, observed.groups)
+    placement = place(observed.caches, observed.groups, domain.storage_policy(observed.config.model_extra))
     members = {name: group_members(g, observed.nodes.values()) for name, g in observed.groups.items()}
     wanted, cache_nodes = desired_entries(observed.caches, placement, members)
     _finalizers(observed, out)
@@ -1221,6 +1135,13 @@ def _scheduled(
 ) -> dict[str, Any]:
     """Condition Scheduled: False naming each group that is missing or has no room for the cache."""
     rejected = placement.rejected.get(cache.ref, ())
+    over = placement.over.get(cache.ref, ())
+    if over and not rejected:  # modelcacheStorageLimit: warn (KServe's behaviour): placed anyway
+        message = (
+            f"placed beyond the storageLimit of node group(s) {', '.join(over)} "
+            f"({domain.STORAGE_POLICY_KEY}=warn: not enforced)"
+        )
+        return condition(seen, CONDITION_SCHEDULED, True, "OverStorageLimit", message, now, cache.generation)
     if not rejected:
         return condition(
             seen, CONDITION_SCHEDULED, True, "Placed", "fits in every node group", now, cache.generation
@@ -1287,6 +1208,7 @@ def _cache_status(
         old = next((c for c in conditions_seen if c.get("type") == new["type"]), None)
         if old is None or old.get("status") != new["status"] or old.get("reason") != new["reason"]:
             bad = new["status"] == "False" and (new["type"] == CONDITION_SCHEDULED or failed > 0)
+            bad = bad or new["reason"] == "OverStorageLimit"
             kind = "Warning" if bad else "Normal"
             out.events.append(
                 Event(ref, kind, new["reason"], f"{new['type']}={new['status']}: {new['message']}")

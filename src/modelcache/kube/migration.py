@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelcache import domain
 from modelcache.controller import reconcile as r
 from modelcache.kube.config import LocalModelConfig
 from modelcache.kube.constants import MANAGED_BY, MANAGED_BY_LABEL
@@ -152,7 +153,7 @@ def _capacity(view: ClusterView) -> list[Finding]:
     """Caches that have copies today but would not be placed under our storageLimit accounting."""
     groups = {g.name: g for g in (r.group_from(o) for o in view.groups)}
     caches = [r.cache_from(o) for o in view.caches]
-    placement = r.place(caches, groups)
+    placement = r.place(caches, groups, domain.storage_policy(view.config.model_extra))
     out = []
     for cache, raw in zip(caches, view.caches, strict=True):
         rejected = [g for g, why in placement.rejected.get(cache.ref, ()) if why == r.REASON_STORAGE_LIMIT]
@@ -164,8 +165,9 @@ def _capacity(view: ClusterView) -> list[Finding]:
                     5,
                     f"{cache.kind} {name} has {copies} copies but does not fit storageLimit of node "
                     f"group(s) {', '.join(rejected)} (caches are counted in creation order)",
-                    "raise those groups' storageLimit, or run the controller with capacity enforcement "
-                    "off until you have (otherwise its copies are taken away)",
+                    "raise those groups' storageLimit first, or set "
+                    f'"{domain.STORAGE_POLICY_KEY}": "warn" in inferenceservice-config localModel '
+                    "(otherwise its copies are taken away)",
                 )
             )
     return out

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from modelcache import domain
+from modelcache.domain import CacheMatch
 from modelcache.errors import UsageError
 from modelcache.kube.config import LocalModelConfig
 from modelcache.kube.constants import (
@@ -400,11 +402,10 @@ def _cache_spec_problems(obj: Obj, kind: str, cluster: Cluster) -> list[str]:
     if missing:
         known = ", ".join(sorted(cluster.node_groups)) or "none"
         problems.append(f"node group(s) {', '.join(missing)} not found (existing: {known})")
-    if size is not None:
-        me = _cache_id(obj, kind)
+    if size is not None and storage_policy(cluster) == domain.StoragePolicy.ENFORCE:
         for group in groups:
             if group in cluster.node_groups:
-                problem = _capacity_problem(group, str(uri or ""), size, me, cluster)
+                problem = _capacity_problem(group, obj, kind, cluster)
                 if problem:
                     problems.append(problem)
     if isinstance(uri, str):
@@ -420,50 +421,50 @@ def _uri_problem(uri: str, message: str) -> str:
     return message.replace(uri, redact(uri))
 
 
-def _committed(
-    group: str, cluster: Cluster, exclude: tuple[str, str, str] | None
-) -> tuple[dict[str, int], list[str]]:
-    """Bytes per storage key that caches (other than `exclude`, and not being deleted) promise to
-    keep on `group`, and those caches' names. Caches of the same URI share one directory on disk
-    (`models/<key>`), so a key counts once, at its largest declared size."""
-    by_key: dict[str, int] = {}
-    names: list[str] = []
-    for kind, items in (
-        ("LocalModelCache", cluster.caches),
-        ("LocalModelNamespaceCache", cluster.namespace_caches),
-    ):
-        for cache in items:
-            spec = _spec(cache)
-            if (
-                _cache_id(cache, kind) == exclude
-                or _deleting(cache)
-                or group not in _strs(spec.get("nodeGroups"))
-            ):
-                continue
-            key = storage_key(_str(spec.get("sourceModelUri")))
-            by_key[key] = max(by_key.get(key, 0), _quantity(spec.get("modelSize")) or 0)
-            ns = _namespace(cache) if kind == "LocalModelNamespaceCache" else ""
-            names.append(f"{ns}/{_name(cache)}" if ns else _name(cache))
-    return by_key, names
+def _claim(cache: Obj, kind: str) -> domain.Claim:
+    spec = _spec(cache)
+    ns = _namespace(cache) if kind == "LocalModelNamespaceCache" else ""
+    return domain.Claim(
+        ref=(ns, _name(cache)),
+        key=storage_key(_str(spec.get("sourceModelUri"))),
+        size=_quantity(spec.get("modelSize")),
+        groups=tuple(_strs(spec.get("nodeGroups"))),
+        created=_str(_meta(cache).get("creationTimestamp")),
+        deleting=_deleting(cache),
+    )
 
 
-def _capacity_problem(
-    group: str, uri: str, size: int, me: tuple[str, str, str], cluster: Cluster
-) -> str | None:
-    limit = _quantity(_spec(cluster.node_groups[group]).get("storageLimit"))
-    if limit is None:
+def _claims(cluster: Cluster) -> list[domain.Claim]:
+    return [_claim(c, "LocalModelCache") for c in cluster.caches] + [
+        _claim(c, "LocalModelNamespaceCache") for c in cluster.namespace_caches
+    ]
+
+
+def _limits(cluster: Cluster) -> dict[str, int | None]:
+    return {name: _quantity(_spec(g).get("storageLimit")) for name, g in cluster.node_groups.items()}
+
+
+def storage_policy(cluster: Cluster) -> domain.StoragePolicy:
+    return domain.storage_policy(cluster.local_model_config.model_extra)
+
+
+def _capacity_problem(group: str, obj: Obj, kind: str, cluster: Cluster) -> str | None:
+    """The controller's own placement (domain.place) with this cache created last: what is admitted
+    here is placed there. Caches of one URI share one folder: a storage key counts once."""
+    limits = _limits(cluster)
+    if limits.get(group) is None:
         return f"node group {group} has no valid storageLimit"
-    by_key, names = _committed(group, cluster, exclude=me)
-    committed = sum(by_key.values())
-    extra = max(size - by_key.get(storage_key(uri), 0), 0)  # a shared copy is already counted
-    available = limit - committed
-    if extra <= available:
+    me = _claim(obj, kind)
+    size = me.size or 0
+    fit = domain.fits(me, group, _claims(cluster), limits, storage_policy(cluster))
+    if fit.ok:
         return None
-    others = f" by {len(names)} other cache(s) ({_listing(names)})" if names else ""
+    limit = limits[group] or 0
+    others = f" by {len(fit.others)} other cache(s) ({_listing(list(fit.others))})" if fit.others else ""
     return (
         f"modelSize {format_bytes(size)} does not fit node group {group}: storageLimit "
-        f"{format_bytes(limit)}, {format_bytes(committed)} already committed{others}, "
-        f"{format_bytes(max(available, 0))} available"
+        f"{format_bytes(limit)}, {format_bytes(fit.committed)} already committed{others}, "
+        f"{format_bytes(fit.available)} available"
     )
 
 
@@ -563,8 +564,10 @@ def validate_node_group(request: Mapping[str, Any], cluster: Cluster) -> Decisio
         )
     if problems:
         return deny(f"LocalModelNodeGroup {_name(obj)}: " + "; ".join(problems))
-    by_key, names = _committed(_name(obj), cluster, exclude=None)
-    committed = sum(by_key.values())
+    name = _name(obj)
+    placement = domain.place(_claims(cluster), {name: None}, domain.StoragePolicy.WARN)
+    names = sorted(domain.status_key(*ref) for ref, groups in placement.placed.items() if name in groups)
+    committed = placement.used.get(name, 0)
     if limit is not None and committed > limit:
         return Decision(
             warnings=(
@@ -597,36 +600,24 @@ def workload_storage_uri(obj: Mapping[str, Any], kind: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class CacheMatch:
-    name: str
-    namespace: str | None  # set for a LocalModelNamespaceCache
-    source_uri: str
-    pvc_name: str
-    group: str
+def _cache_views(namespace: str, cluster: Cluster) -> list[domain.CacheView]:
+    views = []
+    for cache, ns in [(c, _namespace(c)) for c in cluster.namespace_caches if _namespace(c) == namespace] + [
+        (c, "") for c in cluster.caches
+    ]:
+        source = _spec(cache).get("sourceModelUri")
+        if isinstance(source, str):
+            groups = tuple(_strs(_spec(cache).get("nodeGroups")))
+            views.append(domain.CacheView(_name(cache), ns, source, groups, _deleting(cache)))
+    return views
 
 
 def match_cache(
     storage_uri: str, namespace: str, node_group: str | None, cluster: Cluster
 ) -> CacheMatch | None:
-    """KServe's `setLocalModelLabel`: namespace caches first, then cluster caches, in name order.
-    Unlike KServe, a cache that is being deleted matches nothing (its PVCs are about to go)."""
-    candidates = [
-        (c, _namespace(c)) for c in _by_name(cluster.namespace_caches) if _namespace(c) == namespace
-    ] + [(c, None) for c in _by_name(cluster.caches)]
-    for cache, cache_ns in candidates:
-        if _deleting(cache):
-            continue
-        spec = _spec(cache)
-        source = spec.get("sourceModelUri")
-        groups = _strs(spec.get("nodeGroups"))
-        if not isinstance(source, str) or not groups or sub_path(storage_uri, source) is None:
-            continue
-        if node_group is not None and node_group not in groups:
-            continue
-        group = node_group if node_group is not None else groups[0]
-        return CacheMatch(_name(cache), cache_ns, source, f"{_name(cache)}-{group}", group)
-    return None
+    """KServe's `setLocalModelLabel` (domain.match_cache): namespace caches first, then cluster
+    caches, in name order; a cache being deleted matches nothing (its PVCs are about to go)."""
+    return domain.match_cache(storage_uri, namespace, node_group, _cache_views(namespace, cluster))
 
 
 def _set_local_model_metadata(obj: Obj, match: CacheMatch | None) -> None:
@@ -726,45 +717,18 @@ def _pod_storage_uri(pod: Obj) -> str | None:
 
 
 def _nodes_in_group(nodes: list[Obj], group: Obj | None) -> list[Obj]:
+    """Members of `group` (domain.selects: no nodeAffinity selects none, as the controller and
+    KServe); no group known: every node."""
     if group is None:
         return nodes
-    pv = _spec(group).get("persistentVolumeSpec")
-    terms = _dicts(_path(pv, "nodeAffinity", "required", "nodeSelectorTerms"))
-    return [n for n in nodes if node_matches(n, terms)] if terms else nodes
+    terms = domain.parse_terms(_spec(group).get("persistentVolumeSpec"))
+    return [n for n in nodes if domain.selects(terms, _name(n), _labels(n))]
 
 
 def node_matches(node: Mapping[str, Any], terms: list[Obj]) -> bool:
-    """core/v1 NodeSelector semantics: terms are ORed, requirements within a term ANDed."""
-    labels = _labels(node)
-    fields = {"metadata.name": _name(node)}
-
-    def req_ok(req: Mapping[str, Any], values: Mapping[str, str]) -> bool:
-        key, op, want = _str(req.get("key")), req.get("operator"), _strs(req.get("values"))
-        have = values.get(key)
-        if op == "In":
-            return have in want
-        if op == "NotIn":
-            return have not in want
-        if op == "Exists":
-            return key in values
-        if op == "DoesNotExist":
-            return key not in values
-        if op in ("Gt", "Lt") and have is not None and want:
-            try:
-                a, b = int(have), int(want[0])
-            except ValueError:
-                return False
-            return a > b if op == "Gt" else a < b
-        return False
-
-    for term in terms:
-        exprs = _dicts(term.get("matchExpressions"))
-        field_exprs = _dicts(term.get("matchFields"))
-        if not exprs and not field_exprs:
-            continue  # an empty term matches nothing
-        if all(req_ok(r, labels) for r in exprs) and all(req_ok(r, fields) for r in field_exprs):
-            return True
-    return False
+    """core/v1 NodeSelector semantics (domain.selects): terms ORed, requirements ANDed."""
+    parsed = domain.parse_terms({"nodeAffinity": {"required": {"nodeSelectorTerms": terms}}})
+    return domain.selects(parsed, _name(node), _labels(node))
 
 
 def ready_nodes(source_uri: str, group: str | None, cluster: Cluster) -> list[str]:

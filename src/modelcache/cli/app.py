@@ -437,7 +437,7 @@ def initialize(
         )
 
 
-_OPTIONAL = ("dev", "controller", "agent", "webhook", "kserve")
+_OPTIONAL = ("dev", "controller", "agent", "webhook", "kserve", "cache")
 
 
 def _mount_optional(only: str | None = None) -> None:
@@ -465,6 +465,8 @@ def _mount_optional(only: str | None = None) -> None:
             )
         elif name == "kserve":
             app.add_typer(module.app, name="kserve", help="Migrating from KServe's local model cache.")
+        elif name == "cache":
+            app.add_typer(module.app, name="cache", help="The cluster's model caches (kubectl modelcache).")
         else:
             app.command(name)(module.main)
 

@@ -290,7 +290,9 @@ def test_node_group_validation(kube: Client, webhook: Server) -> None:
 
 def test_cache_validation(kube: Client, webhook: Server) -> None:
     assert "unknown URI scheme 'ftp'" in rejected(kube, cache("e2e-x", uri="ftp://host/model"))
-    assert "node group(s) e2e-nope not found" in rejected(kube, cache("e2e-x", groups=["e2e-nope"]))
+    early = kube.create(cache("e2e-early", uri="hf://e2e-org/early", groups=["e2e-nope"]))  # GitOps order
+    assert early.metadata is not None
+    kube.delete(Cache, "e2e-early")
     kube.create(cache("e2e-llama", size="60Gi"))
     message = rejected(kube, cache("e2e-big", uri="hf://e2e-org/big", size="50Gi"))
     assert (

@@ -65,3 +65,56 @@ def test_kserve_agent_image_is_ignored_loudly() -> None:
     plan = r.plan(observed(config=kserve, groups=[group()], agent_settings={"image": "ours:2"}), NOW)
     assert not [e for e in plan.events if e.reason == "ForeignAgentImage"]
     assert plan.daemonset_applies[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "ours:2"
+
+
+def test_cache_before_its_node_group_is_placed_when_the_group_appears() -> None:
+    """GitOps order (item 6): the webhook admits it; the controller says Scheduled=False, then places it."""
+    early = cache()
+    plan = r.plan(observed(caches=[early], nodes=[node("n1", gpu="a100")]), NOW)
+    status = dict(plan.cache_status)[("", "llama")]
+    scheduled = next(c for c in status["conditions"] if c["type"] == "Scheduled")
+    assert scheduled["status"] == "False" and scheduled["reason"] == r.REASON_GROUP_MISSING
+    assert not plan.lmn_creates
+    later = r.plan(observed(caches=[early], groups=[group()], nodes=[node("n1", gpu="a100")]), NOW)
+    assert [e["modelName"] for e in later.lmn_creates[0]["spec"]["localModels"]] == ["llama"]
+
+
+def _kserve_mutated_pod(readonly: str | None = None) -> dict[str, Any]:
+    """A predictor pod after KServe's own mutator: PVC `llama-workers` at /mnt/models, no initializer."""
+    from tests.unit.test_admission import kserve_pod
+
+    pod = kserve_pod()
+    spec = pod["spec"]
+    spec.pop("initContainers")
+    spec["volumes"] = [{"name": "kserve-pvc-source", "persistentVolumeClaim": {"claimName": "llama-workers"}}]
+    spec["containers"][0]["volumeMounts"] = [
+        {"name": "kserve-pvc-source", "mountPath": "/mnt/models", "subPath": "models/x/sub", "readOnly": True}
+    ]
+    if readonly is not None:
+        pod["metadata"]["annotations"]["storage.kserve.io/readonly"] = readonly
+    return pod
+
+
+def test_kserve_mutator_ran_first_no_false_warning_and_still_affinity() -> None:
+    """Item 9: the PVC is mounted already; not ready yet means the pod waits (affinity), not
+    'admitted without the local model mount'; ready means our affinity is added all the same."""
+    from modelcache.webhook import admission
+    from tests.unit.test_admission import READY, apply_patch, cluster, pod_review
+    from tests.unit.test_admission import node as anode
+
+    pod = _kserve_mutated_pod()
+    not_ready = pod_review(pod, cluster())
+    assert not any("without the local model mount" in w for w in not_ready.warnings)
+    assert any("stays Pending until a node has it" in w for w in not_ready.warnings)
+    out = apply_patch(_kserve_mutated_pod(), not_ready.patch)
+    terms = out["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert any(e["operator"] == "In" for t in terms["nodeSelectorTerms"] for e in t["matchExpressions"])
+    ready = pod_review(_kserve_mutated_pod(), cluster(nodes=[anode("n1", {"pool": "workers", **READY})]))
+    assert ready.allowed and not ready.warnings and ready.patch
+    assert admission.kserve_mounted(_kserve_mutated_pod(), admission.pod_target(pod, "default", cluster()))  # type: ignore[arg-type]
+    writable = pod_review(
+        _kserve_mutated_pod("false"), cluster(nodes=[anode("n1", {"pool": "workers", **READY})])
+    )
+    assert any("storage.kserve.io/readonly=false is ignored" in w for w in writable.warnings)
+    out = apply_patch(_kserve_mutated_pod("false"), writable.patch)
+    assert all(m.get("readOnly") for m in out["spec"]["containers"][0]["volumeMounts"])

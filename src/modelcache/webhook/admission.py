@@ -57,6 +57,8 @@ PVC_SOURCE_VOLUME = "kserve-pvc-source"
 #: Our volume name for plain (non-KServe) pods.
 MODEL_VOLUME = "modelcache-model"
 STORAGE_URI_ENV = "STORAGE_URI"
+#: KServe's annotation for a writable model mount; a cached model stays read-only (shared copy).
+READONLY_ANNOTATION = "storage.kserve.io/readonly"
 
 CACHE_KINDS = ("LocalModelCache", "LocalModelNamespaceCache")
 WORKLOAD_KINDS = ("InferenceService", "LLMInferenceService")
@@ -373,8 +375,19 @@ def validate_cache(request: Mapping[str, Any], cluster: Cluster) -> Decision:
         if _spec(old) == _spec(obj):
             return Decision()  # metadata/status-only change: nothing to re-check
     problems = _cache_spec_problems(obj, kind, cluster)
+    label = _cache_label(kind, _namespace(obj), _name(obj))
     if problems:
-        return deny(f"{_cache_label(kind, _namespace(obj), _name(obj))}: " + "; ".join(problems))
+        return deny(f"{label}: " + "; ".join(problems))
+    missing = [g for g in _strs(_spec(obj).get("nodeGroups")) if g not in cluster.node_groups]
+    if missing:
+        # GitOps applies in any order (KServe accepts this too): the controller reports
+        # Scheduled=False NodeGroupNotFound and places the cache when the group appears.
+        return Decision(
+            warnings=(
+                f"{label}: node group(s) {', '.join(missing)} not found yet; admitted, and placed "
+                "(after a capacity check) once they exist",
+            )
+        )
     return Decision()
 
 
@@ -398,10 +411,6 @@ def _cache_spec_problems(obj: Obj, kind: str, cluster: Cluster) -> list[str]:
     if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
         problems.append("spec.nodeGroups must name at least one LocalModelNodeGroup")
         groups = []
-    missing = [g for g in groups if g not in cluster.node_groups]
-    if missing:
-        known = ", ".join(sorted(cluster.node_groups)) or "none"
-        problems.append(f"node group(s) {', '.join(missing)} not found (existing: {known})")
     if size is not None and storage_policy(cluster) == domain.StoragePolicy.ENFORCE:
         for group in groups:
             if group in cluster.node_groups:
@@ -844,9 +853,17 @@ def mutate_pod(request: Mapping[str, Any], cluster: Cluster, options: Options) -
             events = (_event(pod, namespace, "LocalModelUnavailable", message),)
         return Decision(warnings=(message,), events=events)
     warnings: tuple[str, ...] = ()
+    if _annotations(pod).get(READONLY_ANNOTATION, "").lower() == "false":
+        # The folder is every pod's copy on that node (and KServe mounts it read-only too).
+        warnings += (
+            f"{_pod_label(pod, namespace)}: {READONLY_ANNOTATION}=false is ignored for a cached model: "
+            "the node's copy is shared by every pod using it, so it is mounted read-only",
+        )
     if not ready_nodes(target.source_uri, target.group, cluster):
         where = f" of node group {target.group}" if target.group else ""
-        unchanged = options.when_not_ready is NotReadyPolicy.WARN
+        # KServe's own pod mutator ran first: the PVC is mounted already and the pod cannot load
+        # the model from its source any more, so it waits for a node that has it.
+        unchanged = options.when_not_ready is NotReadyPolicy.WARN and not kserve_mounted(pod, target)
         outcome = (
             "admitted without the local model mount (it must load the model from its source)"
             if unchanged
@@ -864,6 +881,21 @@ def mutate_pod(request: Mapping[str, Any], cluster: Cluster, options: Options) -
     new = copy.deepcopy(pod)
     apply_local_model(new, target)
     return Decision(patch=json_patch(pod, new), warnings=warnings, events=events)
+
+
+def kserve_mounted(pod: Obj, target: PodTarget) -> bool:
+    """Did KServe's pod mutator mount the cache PVC already (its webhook ran before ours)?"""
+    spec = _spec(pod)
+    volumes = {
+        _str(v.get("name"))
+        for v in _dicts(spec.get("volumes"))
+        if _str(_path(v, "persistentVolumeClaim", "claimName")) == target.pvc_name
+    }
+    return any(
+        m.get("mountPath") == target.mount_path and _str(m.get("name")) in volumes
+        for c in _dicts(spec.get("containers"))
+        for m in _dicts(c.get("volumeMounts"))
+    )
 
 
 def _mount_names(containers: Iterable[Obj]) -> set[str]:

@@ -75,6 +75,7 @@ def test_swap_adopts_kserve_folders_and_volumes(playground: tuple[Path, Client],
                      *(a for n in NODES for a in ("--root", str(roots[n]))))  # fmt: skip
         assert before.returncode == 7, before.stdout + before.stderr
         assert "have no manifest yet" in before.stdout
+        assert "no RoleBinding in jobNamespace kserve-localmodel-jobs" in before.stdout
 
         # KServe's PV/PVC for the cache (its names, its spec, none of our labels)
         for doc in yaml.safe_load_all(f"""
@@ -184,6 +185,24 @@ spec:
             "PVC adopted", lambda: labelled(kube.get(PersistentVolumeClaim, "llm-workers", namespace=JOBS))
         )
 
+        # the agents' credentials RBAC in the config's jobNamespace (as the chart creates it)
+        kube.create(
+            codecs.from_dict(
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "RoleBinding",
+                    "metadata": {"name": "modelcache-agent-credentials", "namespace": JOBS},
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "ClusterRole",
+                        "name": "view",
+                    },
+                    "subjects": [
+                        {"kind": "ServiceAccount", "name": "modelcache-agent", "namespace": "kserve"}
+                    ],
+                }
+            )
+        )
         after = cli("kserve", "check", "--kubeconfig", str(home / "dev" / "kubeconfig"),
                     *(a for n in NODES for a in ("--root", str(roots[n]))))  # fmt: skip
         assert after.returncode == 0, after.stdout + after.stderr

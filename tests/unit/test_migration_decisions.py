@@ -118,3 +118,75 @@ def test_kserve_mutator_ran_first_no_false_warning_and_still_affinity() -> None:
     assert any("storage.kserve.io/readonly=false is ignored" in w for w in writable.warnings)
     out = apply_patch(_kserve_mutated_pod("false"), writable.patch)
     assert all(m.get("readOnly") for m in out["spec"]["containers"][0]["volumeMounts"])
+
+
+def test_check_lists_what_to_do_in_order() -> None:
+    from modelcache.kube.migration import ClusterView, findings
+
+    config = LocalModelConfig.model_validate(
+        {"jobNamespace": "jobs", "localModelAgentImage": "kserve/kserve-localmodelnode-agent:v0.15"}
+    )
+    view = ClusterView(
+        namespace="kserve",
+        config=config,
+        deployments=[{"metadata": {"name": "kserve-localmodel-controller-manager", "namespace": "kserve"}}],
+        webhook_configurations=[
+            {
+                "kind": "ValidatingWebhookConfiguration",
+                "metadata": {"name": "localmodelcache.serving.kserve.io"},
+                "webhooks": [{"name": "localmodelcache.serving.kserve.io", "failurePolicy": "Fail"}],
+            }
+        ],
+        daemonsets=[
+            {
+                "metadata": {"name": "workers-agent", "namespace": "kserve"},
+                "spec": {
+                    "template": {"spec": {"containers": [{"image": "kserve/kserve-localmodelnode-agent"}]}}
+                },
+            }
+        ],
+        volumes=[
+            {
+                "kind": "PersistentVolumeClaim",
+                "metadata": {
+                    "name": "llama-workers",
+                    "namespace": "jobs",
+                    "ownerReferences": [{"kind": "LocalModelCache", "name": "llama"}],
+                },
+            }
+        ],
+        caches=[{**cache_obj("big", "20Gi"), "status": {"copies": {"available": 2}}}],
+        groups=[group_raw("10Gi")],
+        foreign_folders={"/models": ["0123456789abcdef"]},
+        job_role_bindings=[],
+    )
+    found = findings(view)
+    assert [f.step for f in found] == sorted(f.step for f in found)
+    text = "\n".join(f.what for f in found)
+    for expected in (
+        "KServe's localmodel controller runs",
+        "localmodelcache.serving.kserve.io webhook is registered",
+        "KServe's node agent runs (DaemonSet kserve/workers-agent)",
+        "localModelAgentImage names KServe's agent",
+        "no RoleBinding in jobNamespace jobs",
+        "LocalModelCache big has 2 copies but does not fit",
+        "PersistentVolumeClaim jobs/llama-workers was created by KServe",
+        "1 model folder(s) under /models/models have no manifest yet",
+    ):
+        assert expected in text, expected
+    clean = ClusterView(namespace="kserve", config=LocalModelConfig(), job_role_bindings=None)
+    assert findings(clean) == []
+
+
+def cache_obj(name: str, size: str) -> dict[str, Any]:
+    return {
+        "kind": "LocalModelCache",
+        "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"sourceModelUri": "hf://o/" + name, "modelSize": size, "nodeGroups": ["workers"]},
+    }
+
+
+def group_raw(limit: str = "10Gi") -> dict[str, Any]:
+    from tests.unit.test_reconcile import group_obj
+
+    return group_obj(limit=limit)

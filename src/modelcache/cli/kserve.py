@@ -69,6 +69,14 @@ def _gather(kubeconfig: Path | None, namespace: str, roots: list[Path]) -> Any:
         if exc.status.code != 404:
             raise ModelcacheError(f"cannot read {namespace}/{CONFIGMAP_NAME}: {exc.status.message}") from None
         config = parse_local_model_config(None)
+    from lightkube.resources.rbac_authorization_v1 import RoleBinding
+
+    try:
+        bindings: list[dict[str, Any]] | None = [
+            _plain(o) for o in client.list(RoleBinding, namespace=config.jobNamespace)
+        ]
+    except ApiError:  # no right to read RBAC there: not judged
+        bindings = None
     return ClusterView(
         namespace=namespace,
         config=config,
@@ -85,6 +93,7 @@ def _gather(kubeconfig: Path | None, namespace: str, roots: list[Path]) -> Any:
         caches=[*listed(lmc, "LocalModelCache"), *listed(lmnc, "LocalModelNamespaceCache", namespace="*")],
         groups=listed(lmng, "LocalModelNodeGroup"),
         foreign_folders={str(root): foreign_keys(Store(root)) for root in roots},
+        job_role_bindings=bindings,
     )
 
 

@@ -44,6 +44,8 @@ class ClusterView:
     caches: Sequence[Mapping[str, Any]] = ()  # LocalModelCache / LocalModelNamespaceCache, with "kind"
     groups: Sequence[Mapping[str, Any]] = ()
     foreign_folders: Mapping[str, Sequence[str]] = field(default_factory=dict)  # cache root -> keys
+    #: RoleBindings in the config's jobNamespace; None: not read (e.g. no permission), not judged
+    job_role_bindings: Sequence[Mapping[str, Any]] | None = None
 
 
 def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -124,6 +126,7 @@ def findings(view: ClusterView) -> list[Finding]:
             )
         )
     out.extend(_capacity(view))
+    out.extend(_job_namespace_rbac(view))
     for vol in view.volumes:
         owners = _meta(vol).get("ownerReferences") or []
         if not _ours(vol) and any(o.get("kind") in _CACHE_KINDS for o in owners):
@@ -147,6 +150,29 @@ def findings(view: ClusterView) -> list[Finding]:
                 )
             )
     return sorted(out, key=lambda f: f.step)
+
+
+AGENT_SERVICE_ACCOUNT = "modelcache-agent"
+
+
+def _job_namespace_rbac(view: ClusterView) -> list[Finding]:
+    """The agents read credentials in `localModel.jobNamespace`: RBAC must follow the config there."""
+    if view.job_role_bindings is None:
+        return []
+    for rb in view.job_role_bindings:
+        for subject in rb.get("subjects") or []:
+            if subject.get("kind") == "ServiceAccount" and subject.get("name") == AGENT_SERVICE_ACCOUNT:
+                return []
+    ns = view.config.jobNamespace
+    return [
+        Finding(
+            4,
+            f"no RoleBinding in jobNamespace {ns} (inferenceservice-config) lets {AGENT_SERVICE_ACCOUNT} "
+            "read credentials there",
+            f"helm upgrade modelcache ... --set jobNamespace={ns} (or apply deploy/rbac/agent.yaml with "
+            f"namespace {ns}); otherwise downloads that need a Secret or ServiceAccount fail",
+        )
+    ]
 
 
 def _capacity(view: ClusterView) -> list[Finding]:

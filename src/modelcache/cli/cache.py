@@ -317,7 +317,7 @@ def _node_errors(kube: kc.Kube, view: cv.CacheView) -> dict[str, str]:
     for lmn in _model_nodes(kube):
         detail = ((lmn.get("status") or {}).get("models") or {}).get(view.status_key) or {}
         if detail.get("lastError"):
-            out[str(lmn["metadata"]["name"])] = printable(redact(str(detail["lastError"])), 300)
+            out[str(lmn["metadata"]["name"])] = cv.scrub(str(detail["lastError"]))
     return out
 
 
@@ -445,7 +445,7 @@ def _events(kube: kc.Kube, view: cv.CacheView, limit: int = 20) -> list[dict[str
                         "type": str(e.type or ""),
                         "reason": printable(str(e.reason or ""), 80),
                         "object": f"{kind}/{e.involvedObject.name}",
-                        "message": printable(redact(msg), 300),
+                        "message": cv.scrub(msg),
                     }
                 )
     found.sort(key=lambda e: e["time"] or 0)

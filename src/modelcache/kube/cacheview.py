@@ -8,6 +8,7 @@ are the controller's own rules (`controller.reconcile`), imported, not re-implem
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +27,14 @@ _SHORT = {
     "NodeNotReady": "NotReady",
     "": "Unknown",
 }
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>()]+")
+
+
+def scrub(text: str, limit: int = 300) -> str:
+    """Free text from the cluster (errors, events) with every URI in it redacted, printable."""
+    return printable(_URL.sub(lambda m: redact(m.group(0)), text), limit)
 
 
 def timestamp(value: Any) -> float | None:
@@ -148,7 +157,7 @@ def cache_view(obj: Mapping[str, Any]) -> CacheView:
                 bytes_total=_int(p.get("bytesTotal")),
                 started_at=timestamp(p.get("startedAt")),
                 finished_at=timestamp(p.get("finishedAt")),
-                message=printable(redact(str(p.get("message") or "")), 300),
+                message=scrub(str(p.get("message") or "")),
             )
         )
     uri = str(spec.get("sourceModelUri") or "")
@@ -280,7 +289,7 @@ def node_rows(
                 elif phase == "ModelDownloading":
                     used += _int(d.get("bytesDone")) or 0
                 elif phase == "ModelDownloadError":
-                    errors.append(f"{name}: {printable(redact(str(d.get('lastError') or 'failed')), 200)}")
+                    errors.append(f"{name}: {scrub(str(d.get('lastError') or 'failed'), 200)}")
             if not ready.get(node, False):
                 health = "node not ready"
             elif lmn is None:

@@ -72,7 +72,8 @@ class HttpSource(AiohttpSource):
         if any(k.lower() == "authorization" for k in secret):
             sources.append(f"an Authorization header in {host}-headers")
         token = self.options.env.get("MODELCACHE_HTTP_BEARER_TOKEN")
-        if token:
+        given = next((v for k, v in secret.items() if k.lower() == "authorization"), None)
+        if token and given != f"Bearer {token}":  # the same token said twice is one credential
             sources.append("MODELCACHE_HTTP_BEARER_TOKEN")
             secret["Authorization"] = f"Bearer {token}"
         auth = None

@@ -56,7 +56,7 @@ from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, archive_kind, select
 from modelcache.sources.gcs import b64_to_hex, listing_revision
-from modelcache.sources.transport import SnapshotMismatchError, ranged_get, status_error
+from modelcache.sources.transport import SnapshotMismatchError, proxy_kwargs, ranged_get, status_error
 from modelcache.sources.transport import describe as _describe
 from modelcache.uri import ModelURI, redact
 
@@ -137,7 +137,7 @@ class _ServicePrincipal:
     async def _refresh(self, session: aiohttp.ClientSession) -> None:
         url = f"{self.authority}/{quote(self.tenant, safe='')}/oauth2/v2.0/token"
         try:
-            async with session.post(url, data=self._form()) as resp:
+            async with session.post(url, data=self._form(), **proxy_kwargs(url)) as resp:
                 status, body = resp.status, await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"Azure AD token endpoint: {_describe(exc)}") from exc
@@ -321,7 +321,7 @@ class AzureBlobSource(AiohttpSource):
                 query["marker"] = marker
             try:
                 url, headers = await self._request("/" + quote(t.container, safe=""), query)
-                async with self.session().get(url, headers=headers) as resp:
+                async with self.session().get(url, headers=headers, **proxy_kwargs(url)) as resp:
                     status, code, body = (
                         resp.status,
                         resp.headers.get("x-ms-error-code", ""),

@@ -49,7 +49,7 @@ from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSo
 from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, archive_kind, select
-from modelcache.sources.transport import SnapshotMismatchError, ranged_get, status_error
+from modelcache.sources.transport import SnapshotMismatchError, proxy_kwargs, ranged_get, status_error
 from modelcache.sources.transport import describe as _describe
 from modelcache.uri import ModelURI
 
@@ -116,7 +116,7 @@ class _TokenSource:
         self, session: aiohttp.ClientSession, method: str, url: str, **kw: Any
     ) -> tuple[int, dict[str, Any]]:
         try:
-            async with session.request(method, url, **kw) as resp:
+            async with session.request(method, url, **kw, **proxy_kwargs(url)) as resp:
                 status, body = resp.status, await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{self.label}: token endpoint: {_describe(exc)}") from exc
@@ -283,7 +283,8 @@ class GcsSource(AiohttpSource):
         """GET a JSON resource; None on 404 (the caller knows what is missing)."""
         try:
             headers = await self._headers()
-            async with self.session().get(self._url(url, params), headers=headers) as resp:
+            target = self._url(url, params)
+            async with self.session().get(target, headers=headers, **proxy_kwargs(target)) as resp:
                 status = resp.status
                 body = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:

@@ -41,7 +41,7 @@ from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, select
 from modelcache.sources.transport import describe as _describe
-from modelcache.sources.transport import ranged_get, status_error
+from modelcache.sources.transport import proxy_kwargs, ranged_get, status_error
 from modelcache.uri import ModelURI, redact
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -153,7 +153,9 @@ class HfSource(AiohttpSource):
     async def _get_json(self, url: str, what: str) -> tuple[Any, str | None]:
         """GET a Hub API document; returns (json, next page URL from the Link header)."""
         try:
-            async with self.session().get(url, headers=self._headers(url), allow_redirects=True) as resp:
+            async with self.session().get(
+                url, headers=self._headers(url), allow_redirects=True, **proxy_kwargs(url)
+            ) as resp:
                 if resp.status != 200:
                     raise self._error(resp.status, resp.headers, what)
                 body = await resp.json(content_type=None)

@@ -70,7 +70,7 @@ from modelcache.errors import (
 from modelcache.safepath import join_under, printable, safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, select
-from modelcache.sources.transport import Expect, checked_body, status_error
+from modelcache.sources.transport import Expect, checked_body, proxy_kwargs, status_error
 from modelcache.sources.transport import describe as _describe
 from modelcache.store.manifest import FileEntry
 from modelcache.uri import ModelURI
@@ -288,7 +288,7 @@ class OciSource(AiohttpSource):
             url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
             auth = aiohttp.BasicAuth(*self._creds) if self._creds is not None else None
             try:
-                async with self.session().get(url, auth=auth) as resp:
+                async with self.session().get(url, auth=auth, **proxy_kwargs(url)) as resp:
                     if resp.status in (401, 403):
                         raise self._denied(what, resp.status)
                     if resp.status != 200:
@@ -316,7 +316,7 @@ class OciSource(AiohttpSource):
             auth = self._auth_header()
             try:
                 resp = await self.session().request(
-                    method, url, headers={**extra, **auth}, allow_redirects=False
+                    method, url, headers={**extra, **auth}, allow_redirects=False, **proxy_kwargs(url)
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise TransientSourceError(f"{what}: {_describe(exc)}") from exc
@@ -329,7 +329,9 @@ class OciSource(AiohttpSource):
                 location = urljoin(url, resp.headers["Location"])
                 resp.release()
                 try:
-                    redirected = await self.session().request(method, location, headers=extra)
+                    redirected = await self.session().request(
+                        method, location, headers=extra, **proxy_kwargs(location)
+                    )
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     raise TransientSourceError(f"{what}: redirect: {_describe(exc)}") from exc
                 if redirected.status in (401, 403):  # a signed URL that expired: ask the registry again

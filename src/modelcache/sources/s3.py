@@ -30,6 +30,7 @@ import binascii
 import dataclasses
 import hashlib
 import hmac
+import os
 import posixpath
 import re
 import ssl
@@ -54,7 +55,7 @@ from modelcache.errors import (
 )
 from modelcache.safepath import safe_relpath
 from modelcache.sources.base import RemoteFile, Snapshot, Source, archive_kind, select
-from modelcache.sources.transport import status_error
+from modelcache.sources.transport import proxy_for, proxy_kwargs, status_error
 from modelcache.uri import redact
 
 if TYPE_CHECKING:
@@ -222,10 +223,11 @@ class S3Source(Source):
         if self._env("AWS_DEFAULT_REGION", "AWS_REGION") or self.endpoint() is not None:
             return
         timeout = aiohttp.ClientTimeout(total=None, connect=self.options.connect_timeout, sock_read=10)
+        url = f"https://s3.amazonaws.com/{quote(self.bucket)}"
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
-                session.head(f"https://s3.amazonaws.com/{quote(self.bucket)}", allow_redirects=False) as resp,
+                session.head(url, allow_redirects=False, **proxy_kwargs(url)) as resp,
             ):
                 self._found_region = resp.headers.get("x-amz-bucket-region")
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
@@ -322,6 +324,12 @@ class S3Source(Source):
             "read_timeout": timedelta(seconds=self.options.read_timeout),
             "timeout": timedelta(hours=6),  # whole-request cap: a 64 MiB chunk on a slow link is fine
         }
+        # The node's proxy (process environment, as for every source), decided for the endpoint;
+        # NO_PROXY also goes to obstore for any other host it may be sent to.
+        if (proxy := proxy_for(endpoint)) is not None:
+            client["proxy_url"] = proxy  # user-info included: reqwest sends it as Proxy-Authorization
+            if no_proxy := os.environ.get("no_proxy") or os.environ.get("NO_PROXY"):
+                client["proxy_excludes"] = no_proxy
         verify = env.get("S3_VERIFY_SSL", "").strip().lower()
         if verify in ("0", "false"):
             client["allow_invalid_certificates"] = True

@@ -10,17 +10,23 @@ What lives here, so no source has its own copy:
   requests do; a redirect to another scheme than http(s) is refused.
 * `ranged_get`: `send` + `check_response` + a body that must be exactly as long as promised.
 * `describe`: a transport error as a short reason with no URL (URLs may carry credentials).
+* `proxy_for`: the forward proxy for one URL from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` (either case),
+  decided per request (a redirect may leave NO_PROXY's hosts). Not aiohttp's `trust_env`: that also
+  sends `~/.netrc` passwords to whatever host a URL names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import os
 import re
+import warnings
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
 from yarl import URL
@@ -37,7 +43,16 @@ from modelcache.uri import redact
 
 READ_BLOCK = 1 << 20
 MAX_REDIRECTS = 10
-__all__ = ["SnapshotMismatchError", "check_response", "checked_body", "ranged_get", "send", "status_error"]
+__all__ = [
+    "SnapshotMismatchError",
+    "check_response",
+    "checked_body",
+    "proxy_for",
+    "proxy_kwargs",
+    "ranged_get",
+    "send",
+    "status_error",
+]
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
 
@@ -158,6 +173,88 @@ def same_origin(a: str, b: str) -> bool:
     )
 
 
+def _env_var(env: Mapping[str, str], name: str) -> str:
+    """curl's rule: the lower-case variable wins (CGI sets HTTP_PROXY from a request header)."""
+    return (env.get(name.lower()) or env.get(name.upper()) or "").strip()
+
+
+def bypass_proxy(host: str, port: int | None, no_proxy: str) -> bool:
+    """Whether NO_PROXY names `host`: `*`, a domain and its subdomains (`.x.com` or `x.com`), an IP,
+    a CIDR range, each optionally with `:port`. Pure."""
+    host = host.lower().strip("[]").rstrip(".")
+    try:
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        addr = None
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        want_port: int | None = None
+        if entry.startswith("["):  # [v6]:port
+            inner, _, rest = entry[1:].partition("]")
+            entry = inner
+            if rest.startswith(":") and rest[1:].isdigit():
+                want_port = int(rest[1:])
+        elif entry.count(":") == 1:
+            name, _, p = entry.partition(":")
+            if p.isdigit():
+                entry, want_port = name, int(p)
+        if want_port is not None and want_port != port:
+            continue
+        if addr is not None:
+            try:
+                if addr in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        entry = entry.lstrip("*").lstrip(".").rstrip(".")
+        if entry and (host == entry or host.endswith("." + entry)):
+            return True
+    return False
+
+
+def proxy_for(url: str | URL, env: Mapping[str, str] | None = None) -> str | None:
+    """The proxy URL (as configured, user-info included) for one request to `url`, or None: direct.
+
+    `env` defaults to the process environment: a proxy describes the node's network, not a model.
+    """
+    env = os.environ if env is None else env
+    parts = urlsplit(str(url))
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        return None
+    proxy = _env_var(env, "HTTPS_PROXY") if scheme == "https" else _env_var(env, "HTTP_PROXY")
+    if not proxy:
+        return None
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return None
+    if bypass_proxy(parts.hostname or "", port, _env_var(env, "NO_PROXY")):
+        return None
+    return proxy if "://" in proxy else "http://" + proxy
+
+
+def proxy_kwargs(url: str | URL, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`proxy=` (and `proxy_headers=` with its Basic credentials) for one aiohttp request to `url`."""
+    proxy = proxy_for(url, env)
+    if proxy is None:
+        return {}
+    p = urlsplit(proxy)
+    if p.username is None:
+        return {"proxy": proxy}
+    # aiohttp turns only `proxy_auth` into Proxy-Authorization for plain-http targets (proxy_headers
+    # go to CONNECT only); BasicAuth is deprecated with no replacement for that yet.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        auth = aiohttp.BasicAuth(unquote(p.username), unquote(p.password or ""))
+    return {"proxy": p._replace(netloc=p.netloc.rsplit("@", 1)[1]).geturl(), "proxy_auth": auth}
+
+
 # --------------------------------------------------------------------------------------------
 # I/O
 # --------------------------------------------------------------------------------------------
@@ -192,6 +289,7 @@ async def send(
                 headers=hdrs,
                 auth=auth if trusted else None,
                 allow_redirects=False,
+                **proxy_kwargs(current),
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{what}: {describe(exc)}") from exc

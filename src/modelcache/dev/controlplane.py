@@ -542,12 +542,12 @@ def _clean_runtime(layout: Layout, keep_logs: bool = True) -> None:
         shutil.rmtree(layout.logs, ignore_errors=True)
 
 
-def _stop_all(records: Sequence[ProcessRecord]) -> list[str]:
+def _stop_all(records: Sequence[ProcessRecord], timeout: float = 15.0) -> list[str]:
     stopped = []
     for record in records:
         if is_alive(record):
             stopped.append(record.name)
-        stop(record)
+        stop(record, timeout)
     return stopped
 
 
@@ -765,9 +765,12 @@ def up(
 def _teardown(layout: Layout, data: Mapping[str, Any]) -> list[str]:
     """Undo a (possibly half-written) recorded state: the real node, every process, runtime files."""
     stopped: list[str] = []
+    timeout = 15.0
     if isinstance(data.get("real_node"), dict):
         stopped += realnode.teardown(data["real_node"], layout.node_dir)
-    stopped += _stop_all(_recorded_processes(data))
+        # Its apiserver lingers ~15 s after SIGTERM (endpoint lease removal); its state is discarded.
+        timeout = 3.0
+    stopped += _stop_all(_recorded_processes(data), timeout)
     _clean_runtime(layout)
     return stopped
 

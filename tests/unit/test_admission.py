@@ -24,6 +24,7 @@ from modelcache.kube.constants import (
     LOCALMODEL_PVC_ANNOTATION,
     LOCALMODEL_SOURCEURI_ANNOTATION,
     MODEL_ANNOTATION,
+    MODEL_POD_LABEL,
     MOUNT_PATH_ANNOTATION,
     NODEGROUP_ANNOTATION,
     ready_label,
@@ -574,6 +575,10 @@ def plain_pod(annotations: dict[str, str]) -> Obj:
     }
 
 
+#: What a pod asking for a cache by annotation gets when it cannot get the mount: the controller's label.
+LABEL_ONLY = [{"op": "add", "path": "/metadata/labels", "value": {"modelcache.io/uses-cache": "true"}}]
+
+
 def test_plain_pod_annotation_uses_cache_and_mount_path() -> None:
     state = cluster(
         caches=[cache("llama", groups=["workers", "gpus"])],
@@ -599,6 +604,8 @@ def test_plain_pod_annotation_uses_cache_and_mount_path() -> None:
             }
         ]
     assert out["spec"]["affinity"]
+    # labelled for the controller's server-side pod filter (item 11)
+    assert out["metadata"]["labels"][MODEL_POD_LABEL] == "true"
 
 
 def test_plain_pod_namespace_cache_wins_and_unknown_cache_warns() -> None:
@@ -614,7 +621,7 @@ def test_plain_pod_namespace_cache_wins_and_unknown_cache_warns() -> None:
     )
     assert out["spec"]["containers"][0]["volumeMounts"][0]["subPath"] == f"models/{storage_key(other)}"
     missing = pod_review(plain_pod({MODEL_ANNOTATION: "nope"}), state)
-    assert missing.patch == [] and "no LocalModelNamespaceCache default/nope" in missing.warnings[0]
+    assert missing.patch == LABEL_ONLY and "no LocalModelNamespaceCache default/nope" in missing.warnings[0]
     assert missing.events[0].involved == {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -849,7 +856,7 @@ def test_plain_pod_node_group_annotation() -> None:
     out = apply_patch(pod, pod_review(pod, state).patch)
     assert out["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "llama-gpus"
     # without the annotation: the first group (where the controller creates the PVC), not ready there
-    assert pod_review(plain_pod({MODEL_ANNOTATION: "llama"}), state).patch == []
+    assert pod_review(plain_pod({MODEL_ANNOTATION: "llama"}), state).patch == LABEL_ONLY
     wrong = pod_review(plain_pod({MODEL_ANNOTATION: "llama", NODEGROUP_ANNOTATION: "cpu"}), state)
     assert "is not on node group cpu" in wrong.warnings[0]
 

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from modelcache.api.types import GROUP, VERSION
-from modelcache.kube.constants import MODEL_ANNOTATION
+from modelcache.kube.constants import MODEL_ANNOTATION, MODEL_POD_LABEL, MODEL_POD_LABEL_VALUE
 
 from . import reconcile as r
 
@@ -42,6 +42,16 @@ INDEXES = (
     "llm_services_idx",
     "pods_idx",
 )
+
+
+#: Server-side filter of the pod watch: only pods our webhook labelled (it labels every pod it admits
+#: that carries MODEL_ANNOTATION). Without it the controller would hold every pod of the cluster.
+POD_LABEL_SELECTOR = f"{MODEL_POD_LABEL}={MODEL_POD_LABEL_VALUE}"
+
+
+def configure_selectors(settings: kopf.OperatorSettings) -> None:
+    """Label selectors kopf passes to the API server for its list and watch calls."""
+    settings.watching.label_selectors[PODS] = POD_LABEL_SELECTOR
 
 
 class Hub:
@@ -122,10 +132,12 @@ def services(snapshot: Mapping[str, list[Any]]) -> list[r.Service]:
     found = snapshot.get("services_idx", []) + snapshot.get("llm_services_idx", [])
     out = [s for s in found if isinstance(s, r.Service)]
     # A pod's annotation names a namespace cache of its namespace if there is one, else a cluster
-    # cache: the webhook resolves it the same way.
+    # cache: the webhook resolves it the same way. A pod may be both watched and swept (unlabelled).
     ns_caches = {(c.namespace, c.name) for c in snapshot.get("ns_caches_idx", []) if isinstance(c, r.Cache)}
+    seen: set[tuple[str, str]] = set()
     for pod in snapshot.get("pods_idx", []):
-        if isinstance(pod, r.Service):
+        if isinstance(pod, r.Service) and (pod.namespace, pod.name) not in seen:
+            seen.add((pod.namespace, pod.name))
             ns = pod.namespace if (pod.namespace, pod.cache) in ns_caches else ""
             out.append(dataclasses.replace(pod, cache_namespace=ns))
     return out

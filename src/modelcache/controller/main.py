@@ -23,15 +23,15 @@ import kopf
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube import operators as ops
 from lightkube.resources.apps_v1 import DaemonSet
-from lightkube.resources.core_v1 import ConfigMap, PersistentVolume, PersistentVolumeClaim
+from lightkube.resources.core_v1 import ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod
 
 from modelcache.errors import ModelcacheError, UsageError
 from modelcache.kube.config import LocalModelConfig, parse_local_model_config
-from modelcache.kube.constants import CONFIGMAP_NAME, MANAGED_BY, MANAGED_BY_LABEL
+from modelcache.kube.constants import CONFIGMAP_NAME, MANAGED_BY, MANAGED_BY_LABEL, MODEL_POD_LABEL
 
 from . import reconcile as r
 from .apply import Writer
-from .handlers import Hub, build_registry, services
+from .handlers import Hub, build_registry, configure_selectors, services
 from .leader import LeaderElector, default_identity
 
 log = logging.getLogger("modelcache.controller")
@@ -80,6 +80,10 @@ class Controller:
         self.writer = Writer(client, opts.namespace)
         self.passes = 0
         self.converged = False
+        #: Pods asking for a cache that our webhook never labelled (created before it labelled them),
+        #: which the label-selected watch cannot see; volumes are left alone until the first sweep.
+        self.unlabelled_pods: list[r.Service] = []
+        self.pods_swept = asyncio.Event()
 
     # -- config ----------------------------------------------------------------------------------------
 
@@ -160,9 +164,61 @@ class Controller:
             return None
         return out
 
+    async def _list_unlabelled_pods(self, namespaces: list[str]) -> list[r.Service]:
+        labels: dict[str, Any] = {MODEL_POD_LABEL: ops.not_exists()}
+        found = []
+        for namespace in namespaces:
+            async for pod in self.client.list(Pod, namespace=namespace, labels=labels, chunk_size=500):
+                service = r.pod_service_from(_obj_dict(pod))
+                if service is not None:
+                    found.append(service)
+        return found
+
+    async def sweep_unlabelled_pods(self) -> None:
+        """Once at start, list every pod without our label (in pages) for ones asking for a cache:
+        pods created before the webhook labelled them. While some remain, re-list their namespaces
+        every resync period; once none do, never again (the label-selected watch sees the rest)."""
+        await self.config_loaded.wait()
+        namespaces = ["*"]
+        while True:
+            try:
+                found = await self._list_unlabelled_pods(namespaces)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("listing pods without %s failed: %s; retrying", MODEL_POD_LABEL, exc)
+                await asyncio.sleep(5.0)
+                continue
+            changed = found != self.unlabelled_pods
+            self.unlabelled_pods = found
+            if changed or not self.pods_swept.is_set():
+                self._wake.set()
+            self.pods_swept.set()
+            if not found:
+                log.info(
+                    "no pod asks for a cache without the %s label; pods are watched by label", MODEL_POD_LABEL
+                )
+                return
+            namespaces = sorted({s.namespace for s in found})
+            if changed:
+                log.warning(
+                    "%d pod(s) ask for a cache but lack the %s=true label (created before the webhook "
+                    "set it), e.g. %s/%s; their namespaces are re-listed every %ss until they are "
+                    "labelled or gone",
+                    len(found),
+                    MODEL_POD_LABEL,
+                    found[0].namespace,
+                    found[0].name,
+                    self.config.resync_seconds,
+                )
+            await asyncio.sleep(float(self.config.resync_seconds))
+
     async def observe(self) -> r.Observed:
         snap = self.hub.snapshot()
+        snap["pods_idx"] = snap.get("pods_idx", []) + list(self.unlabelled_pods)
         volumes, daemonsets = await asyncio.gather(self._list_volumes(), self._list_daemonsets())
+        if not self.pods_swept.is_set():
+            volumes = None  # serving PVCs of unlabelled pods are unknown yet: neither create nor delete
         caches = [
             c for c in snap.get("caches_idx", []) + snap.get("ns_caches_idx", []) if isinstance(c, r.Cache)
         ]
@@ -246,6 +302,7 @@ def _login_handler(registry: kopf.OperatorRegistry) -> None:
 
 def _configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.enabled = False  # our events are our own; kopf would post its log lines
+    configure_selectors(settings)
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
@@ -343,6 +400,8 @@ async def run(opts: Options) -> None:
         def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
             _configure(settings)
 
+        # It ends by itself once no unlabelled pod is left: not one of the tasks whose end means "stop".
+        background.append(asyncio.create_task(controller.sweep_unlabelled_pods(), name="pod-sweep"))
         # kopf takes over SIGTERM/SIGINT once it runs: its task ending normally means "stop".
         kopf_stop: asyncio.Future[None] = loop.create_future()
         kopf_task = asyncio.create_task(

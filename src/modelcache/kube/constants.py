@@ -28,6 +28,10 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 MODEL_ANNOTATION = "modelcache.io/model"
 #: Where such a pod wants the model (default /mnt/models).
 MOUNT_PATH_ANNOTATION = "modelcache.io/mount-path"
+#: Set by our pod webhook on every pod it admits carrying MODEL_ANNOTATION, so that the controller
+#: can watch those pods with a label selector (no selector can express "has an annotation").
+MODEL_POD_LABEL = "modelcache.io/uses-cache"
+MODEL_POD_LABEL_VALUE = "true"
 #: Set on a Node for every model that is downloaded and verified there: `<prefix><storage-key>=ready`.
 #: The controller keeps it current from LocalModelNode status; the webhook schedules on it.
 READY_NODE_LABEL_PREFIX = "models.modelcache.io/"

@@ -35,6 +35,8 @@ from modelcache.kube.constants import (
     LOCALMODEL_PVC_ANNOTATION,
     LOCALMODEL_SOURCEURI_ANNOTATION,
     MODEL_ANNOTATION,
+    MODEL_POD_LABEL,
+    MODEL_POD_LABEL_VALUE,
     MOUNT_PATH_ANNOTATION,
     NODEGROUP_ANNOTATION,
     READY_NODE_LABEL_VALUE,
@@ -847,11 +849,12 @@ def mutate_pod(request: Mapping[str, Any], cluster: Cluster, options: Options) -
     if target is None:
         return Decision()
     events: tuple[EventNote, ...] = ()
+    labelled = _with_model_pod_label(pod)
     if isinstance(target, str):
         message = f"{_pod_label(pod, namespace)} admitted without the local model: {target}"
         if not dry_run:
             events = (_event(pod, namespace, "LocalModelUnavailable", message),)
-        return Decision(warnings=(message,), events=events)
+        return Decision(patch=json_patch(pod, labelled), warnings=(message,), events=events)
     warnings: tuple[str, ...] = ()
     if _annotations(pod).get(READONLY_ANNOTATION, "").lower() == "false":
         # The folder is every pod's copy on that node (and KServe mounts it read-only too).
@@ -877,10 +880,20 @@ def mutate_pod(request: Mapping[str, Any], cluster: Cluster, options: Options) -
         if not dry_run:
             events = (_event(pod, namespace, "LocalModelNotReady", message),)
         if unchanged:
-            return Decision(warnings=warnings, events=events)
+            return Decision(patch=json_patch(pod, labelled), warnings=warnings, events=events)
+    apply_local_model(labelled, target)
+    return Decision(patch=json_patch(pod, labelled), warnings=warnings, events=events)
+
+
+def _with_model_pod_label(pod: Obj) -> Obj:
+    """A copy of `pod`, labelled for the controller's server-side pod filter when it asks for a cache
+    by annotation (KServe's pods are found through their InferenceServices instead)."""
     new = copy.deepcopy(pod)
-    apply_local_model(new, target)
-    return Decision(patch=json_patch(pod, new), warnings=warnings, events=events)
+    if LOCALMODEL_LABEL in _labels(pod) or not _annotations(pod).get(MODEL_ANNOTATION):
+        return new
+    meta = new["metadata"] = dict(_meta(new))
+    meta["labels"] = {**_labels(new), MODEL_POD_LABEL: MODEL_POD_LABEL_VALUE}
+    return new
 
 
 def kserve_mounted(pod: Obj, target: PodTarget) -> bool:

@@ -1,0 +1,212 @@
+"""Issue 11 item 11 on a playground of its own (controller, webhook, agent as processes) whose API
+server has no LLMInferenceService CRD: the controller watches only the pods our webhook labelled,
+still finds pods that ask for a cache from before the label existed, and works without that CRD.
+
+No timed assertions: absence is checked once the controller reports a converged pass after the
+object that would have changed its plan was created.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightkube import ApiError, Client
+from lightkube.generic_resource import create_global_resource
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
+from lightkube.resources.core_v1 import ConfigMap, Namespace, Node, PersistentVolumeClaim, Pod
+
+from modelcache import data
+from modelcache.dev import ControlPlaneInfo
+from modelcache.dev.controlplane import Layout, down, up
+from modelcache.kube.constants import MODEL_ANNOTATION, MODEL_POD_LABEL
+
+from .support import leftover_processes, require_binaries
+
+pytestmark = pytest.mark.e2e
+LMC = create_global_resource("serving.kserve.io", "v1alpha1", "LocalModelCache", "localmodelcaches")
+LMNG = create_global_resource("serving.kserve.io", "v1alpha1", "LocalModelNodeGroup", "localmodelnodegroups")
+LLMISVC_CRD = "llminferenceservices.serving.kserve.io"
+CACHE, GROUP = "sel-llama", "sel-group"
+PVC = f"{CACHE}-{GROUP}"
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except ApiError:
+            value = None
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def pod(name: str, namespace: str, labels: dict[str, str] | None = None) -> Pod:
+    return Pod.from_dict(
+        {
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels or {},
+                "annotations": {MODEL_ANNOTATION: CACHE},
+            },
+            "spec": {"containers": [{"name": "vllm", "image": "vllm"}]},
+        }
+    )
+
+
+def pvc_live(kube: Client, namespace: str) -> bool:
+    """The serving PVC exists and is not on its way out (no controller-manager removes its finalizer)."""
+    try:
+        found = kube.get(PersistentVolumeClaim, PVC, namespace=namespace)
+    except ApiError as exc:
+        if exc.status.code == 404:
+            return False
+        raise
+    return found.metadata is not None and found.metadata.deletionTimestamp is None
+
+
+def readyz(home: Path) -> str:
+    state = json.loads(Layout(home).state.read_text())
+    argv = next(c["argv"] for c in state["components"] if c["name"] == "controller")
+    port = argv[argv.index("--health-port") + 1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def passes(home: Path) -> int:
+    return int(readyz(home).split("passes=")[1].split()[0])
+
+
+def converged_after(home: Path, since: int) -> None:
+    """A pass that started after `since` passes and wrote nothing: the plan saw everything so far."""
+    wait_for("a converged pass", lambda: passes(home) > since + 1 and "converged=True" in readyz(home))
+
+
+@pytest.fixture(scope="module")
+def playground(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Client, ControlPlaneInfo]]:
+    """KServe's CRDs without the LLMInferenceService stand-in, ours, one node; a short resync."""
+    require_binaries()
+    home = tmp_path_factory.mktemp("sel-home")
+    kserve = home / "kserve-crds"
+    kserve.mkdir()
+    for crd in data.kserve_crds_dir().iterdir():
+        if "llminferenceservices" not in crd.name:
+            shutil.copy(crd, kserve / crd.name)
+    dirs = [kserve, data.crds_dir()]
+    info = up(home, 1, manifest_dirs=dirs)
+    try:
+        with info.client() as kube:
+            yield home, kube, info
+    finally:
+        down(home)
+        assert not leftover_processes(home)
+
+
+def test_pods_by_label_legacy_pods_and_no_llmisvc_crd(
+    playground: tuple[Path, Client, ControlPlaneInfo],
+) -> None:
+    home, kube, info = playground
+    with pytest.raises(ApiError):
+        kube.get(CustomResourceDefinition, LLMISVC_CRD)
+    for ns, labels in (
+        ("sel-old", {}),
+        ("sel-web", {}),
+        ("sel-optout", {"modelcache.io/webhook": "disabled"}),
+    ):
+        kube.create(Namespace(metadata=ObjectMeta(name=ns, labels=labels)))
+    kube.create(
+        LMNG(
+            {
+                "metadata": {"name": GROUP},
+                "spec": {
+                    "storageLimit": "1Gi",
+                    "persistentVolumeClaimSpec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "resources": {"requests": {"storage": "1Gi"}},
+                    },
+                    "persistentVolumeSpec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "capacity": {"storage": "1Gi"},
+                        "local": {"path": "/models"},
+                        "nodeAffinity": {
+                            "required": {
+                                "nodeSelectorTerms": [
+                                    {
+                                        "matchExpressions": [
+                                            {
+                                                "key": "kubernetes.io/hostname",
+                                                "operator": "In",
+                                                "values": ["sel-node"],
+                                            }
+                                        ]
+                                    }
+                                ]
+                            }
+                        },
+                    },
+                },
+            }
+        )
+    )
+    kube.create(
+        LMC(
+            {
+                "metadata": {"name": CACHE},
+                "spec": {
+                    "sourceModelUri": "https://127.0.0.1:9/sel/model.bin",
+                    "modelSize": "10Mi",
+                    "nodeGroups": [GROUP],
+                },
+            }
+        )
+    )
+    # a node without an agent process: the cache's status stays still (Pending), so passes converge
+    kube.create(Node(metadata=ObjectMeta(name="sel-node", labels={"kubernetes.io/hostname": "sel-node"})))
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    ready = {"type": "Ready", "status": "True", "reason": "KubeletReady", "lastHeartbeatTime": now}
+    kube.patch(Node.Status, "sel-node", {"status": {"conditions": [{**ready, "lastTransitionTime": now}]}})
+    # a pod from before the label existed (no webhook yet): nobody labels it
+    kube.create(pod("legacy", "sel-old"))
+
+    up(home, 1, manifest_dirs=[home / "kserve-crds", data.crds_dir()], with_components=True)
+    # (after `up`, which writes KServe's defaults) a short resync: the sweep re-lists that often
+    cm = kube.get(ConfigMap, "inferenceservice-config", namespace="kserve")
+    local = {**json.loads((cm.data or {})["localModel"]), "reconcilationFrequencyInSecs": 2}
+    kube.patch(
+        ConfigMap, "inferenceservice-config", {"data": {"localModel": json.dumps(local)}}, namespace="kserve"
+    )
+
+    # the start-up sweep finds the unlabelled pod: its namespace gets the serving PVC
+    wait_for("serving PVC for the unlabelled pod", lambda: pvc_live(kube, "sel-old"))
+    # the webhook labels a new pod; the label-selected watch sees it
+    kube.create(pod("new", "sel-web"))
+    labels = kube.get(Pod, "new", namespace="sel-web").metadata.labels or {}
+    assert labels.get(MODEL_POD_LABEL) == "true"
+    wait_for("serving PVC for the labelled pod", lambda: pvc_live(kube, "sel-web"))
+
+    # a pod the webhook did not see (namespace opted out) is invisible to the watch
+    kube.create(pod("unseen", "sel-optout"))
+    converged_after(home, passes(home))
+    assert not pvc_live(kube, "sel-optout")
+
+    # the legacy pod goes: the sweep's next listing drops it, its PVC is deleted, the sweep ends
+    kube.delete(Pod, "legacy", namespace="sel-old")
+    wait_for("serving PVC of the gone pod deleted", lambda: not pvc_live(kube, "sel-old"))
+    log = (info.logs / "controller.log").read_text()
+    wait_for("sweep over", lambda: "pods are watched by label" in (info.logs / "controller.log").read_text())
+    assert "Traceback" not in log
+    assert pvc_live(kube, "sel-web")
+    status = kube.get(LMC, CACHE).get("status") or {}
+    assert status["copies"] == {"total": 1, "available": 0, "failed": 0}
+    assert status["nodeStatus"] == {"sel-node": "NodeDownloadPending"}

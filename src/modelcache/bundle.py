@@ -36,6 +36,7 @@ from modelcache.archive import (
     os_error,
 )
 from modelcache.errors import (
+    ConflictError,
     InsufficientSpaceError,
     IntegrityError,
     ModelcacheError,
@@ -193,12 +194,16 @@ def import_bundle(store: Store, bundle: Path) -> ModelRecord:
             for rel, entry in entries.items():
                 budget.reserve(entry.size, rel)
             with store.lock(manifest.key):
-                try:
-                    existing = store.lookup(manifest.uri)
-                except UsageError as exc:
-                    raise IntegrityError(f"{name}: the manifest's URI is not one we can serve") from exc
+                # By key: the URI at rest is redacted, and a bundle must never replace a model
+                # (pinned, in use, or another one under the same key) that is already here.
+                existing = store.lookup_key(manifest.key)
                 if existing is not None:
                     return existing
+                if os.path.lexists(store.model_dir(manifest.key)):
+                    raise ConflictError(
+                        f"{name}: models/{manifest.key} exists but is not a complete model; "
+                        "`modelcache rm --force` it first"
+                    )
                 staging = no_symlink(store.staging_dir(manifest.key), "staging directory") / "import"
                 shutil.rmtree(staging, ignore_errors=True)
                 files = staging / "files"

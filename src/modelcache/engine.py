@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,11 +30,13 @@ from modelcache.errors import (
 from modelcache.sources import SourceOptions, open_source
 from modelcache.sources.base import Snapshot, Source
 from modelcache.store.core import ModelRecord, Store
+from modelcache.store.locks import FileLock
 from modelcache.store.manifest import FileEntry, Manifest
 from modelcache.transfer import ProgressEvent, Transfer, TransferConfig, backoff, check_space
 from modelcache.uri import ModelURI, parse_uri, redact
 
 log = logging.getLogger("modelcache")
+RESOLVE_TIMEOUT = float(os.environ.get("MODELCACHE_RESOLVE_TIMEOUT", "120"))  # per attempt
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,15 @@ async def resolve_with_retries(
     attempt = 0
     while True:
         try:
-            return await source.resolve()
+            # aiohttp's read timeout restarts with every byte: a server dripping its headers or
+            # its listing would hold a pull (or a pod's initializer) forever without a deadline.
+            try:
+                async with asyncio.timeout(RESOLVE_TIMEOUT):
+                    return await source.resolve()
+            except TimeoutError:
+                raise TransientSourceError(
+                    f"{source.shown}: no complete answer within {RESOLVE_TIMEOUT:g}s (stalled)"
+                ) from None
         except TransientSourceError as exc:
             attempt += 1
             if attempt > config.retries:
@@ -96,7 +107,7 @@ async def pull(
             store.touch(rec.key)
             return PullResult(rec, hit=True, seconds=time.monotonic() - t0, waited_for_other=waited)
         fetched, rec = await _download(
-            store, uri, options or SourceOptions(), config or TransferConfig(), on_event
+            store, uri, options or SourceOptions(), config or TransferConfig(), on_event, lock
         )
         return PullResult(
             rec, hit=False, seconds=time.monotonic() - t0, bytes_fetched=fetched, waited_for_other=waited
@@ -126,7 +137,13 @@ async def _download(
     options: SourceOptions,
     config: TransferConfig,
     on_event: Callable[[ProgressEvent], None] | None,
+    lock: FileLock | None = None,
 ) -> tuple[int, ModelRecord]:
+    def ours() -> bool:
+        """False once the heartbeat found our lock broken (we were paused past its staleness):
+        another process owns the staging directory now, so we neither publish nor clean it."""
+        return lock is None or not lock.lost
+
     source = open_source(uri, options)
     staging = store.staging_dir(uri.key)
     shown = redact(uri.uri)  # what is kept at rest (state.json, manifest, index): never a secret
@@ -147,8 +164,9 @@ async def _download(
                 # Wrong bytes, or an origin that lied or changed under us: start afresh, once,
                 # from a new snapshot (never mix bytes of two versions).
                 fetched += transfer.bytes_fetched
-                store.clear_staging(uri.key)
-                if attempt == 2:
+                if ours():
+                    store.clear_staging(uri.key)
+                if attempt == 2 or not ours():
                     raise
                 log.warning("%s: %s; starting again from a fresh snapshot", shown, exc)
                 if isinstance(exc, SnapshotMismatchError):
@@ -172,16 +190,20 @@ async def _download(
             },
             files=entries,
         )
+        if not ours():
+            raise TransientSourceError(f"{shown}: lost the download lock to another process; pull again")
         rec = store.publish(staging / "files", manifest)
         store.clear_staging(uri.key)
         return fetched, rec
     except (InsufficientSpaceError, IntegrityError):
         # Resuming cannot help: no space until some is freed, or bytes that are not a valid model.
-        store.clear_staging(uri.key)
+        if ours():
+            store.clear_staging(uri.key)
         raise
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            store.clear_staging(uri.key)
+            if ours():
+                store.clear_staging(uri.key)
             raise InsufficientSpaceError(f"no space left on the device holding {store.root}") from exc
         raise
     finally:

@@ -93,6 +93,44 @@ def join_under(root: Path, rel: str, what: str = "name") -> Path:
     return path
 
 
+def real_dir(path: Path, what: str = "directory") -> Path:
+    """mkdir -p `path`, refusing any existing component that is a symlink or not a directory.
+
+    Staging and model trees are ours: a link planted inside them (`staging/<key>/files -> /etc`)
+    must make the operation fail, not send our writes elsewhere.
+    """
+    missing: list[Path] = []
+    p = path
+    while True:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeNameError(f"{what} {printable(str(p))!r} is a symlink or not a directory")
+        break
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o755)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                raise UnsafeNameError(
+                    f"{what} {printable(str(d))!r} is a symlink or not a directory"
+                ) from None
+    return path
+
+
+def write_nofollow(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a file of our own without following a link planted at its name."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def no_symlink(path: Path, what: str) -> Path:
     """Refuse a path of our own tree (staging, model directory) that is a symlink."""
     try:

@@ -149,13 +149,11 @@ def sub_path(storage_uri: str, cache_uri: str) -> str | None:
     return None
 
 
-#: Query/fragment parameters whose values are secrets (signed URLs, API keys, OAuth codes).
-_SECRET_QUERY = re.compile(
-    r"(?i)([?&;#](?:x-amz-[a-z0-9-]*|awsaccesskeyid|signature|sig|token|access_token|refresh_token|"
-    r"id_token|api_key|apikey|api-key|key|password|passwd|pwd|pass|secret|client_secret|code|"
-    r"x-goog-[a-z0-9-]*|googleaccessid|credential|auth|authorization|session|se|sp|sv|sr|st|skoid|"
-    r"sktid|skt|ske|sks|skv|sdd|sig)=)[^&#;]*"
-)
+#: Every query and fragment value: a denylist of secret names always misses one (auth_token,
+#: private_token, q-signature, percent-encoded names...), and nothing needs the values once the
+#: key is computed from the exact URI.
+_QUERY_VALUE = re.compile(r"([?&;#][^=&#;]*=)[^&#;]*")
+_QUERY_BARE = re.compile(r"([?&;#])[^=&#;]+(?=[&#;]|$)")  # `?SECRET`: a value with no name
 
 
 def _userinfo_end(rest: str) -> int:
@@ -178,7 +176,7 @@ def _userinfo_end(rest: str) -> int:
         port = authority.rpartition(":")[2] if ":" in authority else ""
         after = re.split(r"[/?#]", rest[at + 1 :], maxsplit=1)[0]
         host_follows = re.fullmatch(r"[A-Za-z0-9._-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", after) is not None
-        if ":" not in rest[:at] or not ((port and not port.isdigit()) or (host_follows and "." in after)):
+        if ":" not in rest[:at] or not ((port and not port.isdigit()) or host_follows):
             return -1
     slash = rest.find("/", at)
     limit = len(rest) if slash < 0 else slash
@@ -194,4 +192,5 @@ def redact(uri: str) -> str:
         end = _userinfo_end(rest)
         if end >= 0:
             out = m.group(1) + "***" + rest[end:]
-    return _SECRET_QUERY.sub(lambda g: g.group(1) + "***", out)
+    out = _QUERY_VALUE.sub(lambda g: g.group(1) + "***", out)
+    return _QUERY_BARE.sub(lambda g: g.group(1) + "***", out)

@@ -52,6 +52,9 @@ def test_listing_with_unsafe_name_is_refused(scheme: str, name: str, tmp_path: P
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert downloads == []  # refused at resolve, before a byte is fetched
     assert not any((tmp_path / "outside").iterdir())
+    planted = {"x", "y", "z", "w"}  # the last segments the hostile names would create
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name in planted]
+    assert written == [], written
     models = tmp_path / "cache" / "models"
     assert not models.exists() or not any(models.iterdir())
 

@@ -38,6 +38,7 @@ EXPECT: dict[str, tuple[int, int | None, dict[str, str]]] = {
     "overlong-chunked": (6, None, {}),
     "wrong-digest": (4, None, {}),
     "trickle": (6, None, {"MODELCACHE_STALL_WINDOW": "1"}),
+    "trickle-headers": (6, None, {"MODELCACHE_RESOLVE_TIMEOUT": "2"}),
     "no-headers": (6, None, {}),
     "redirect-other-host": (0, 1, {}),
     "redirect-file": (6, None, {}),

@@ -25,6 +25,9 @@ SECRETS = {
     "bearer": "BEARER-secret-four",
     "header": "HDR-secret-five",
     "client_secret": "CS-secret-six",
+    "auth_token": "AUTHTOK-secret-seven",
+    "private_token": "PRIVTOK-secret-eight",
+    "bare": "BARE-secret-nine",
 }
 FAST = {"MODELCACHE_CHUNK_SIZE": str(1 << 20), "MODELCACHE_CONNECTIONS": "4", "MODELCACHE_RETRIES": "1"}
 
@@ -54,6 +57,7 @@ def test_no_secret_at_rest_or_in_any_output(tmp_path: Path) -> None:
         signed = (
             f"{base}/signed.bin?X-Amz-Signature={SECRETS['signature']}"
             f"&token={SECRETS['token_query']}&client_secret={SECRETS['client_secret']}"
+            f"&auth_token={SECRETS['auth_token']}&private_token={SECRETS['private_token']}&{SECRETS['bare']}"
         )
         with_userinfo = f"http://alice:{pw}@127.0.0.1:{origin.port}/userinfo.bin"
         headers_env = {"127.0.0.1-headers": json.dumps({"X-Api-Key": SECRETS["header"]})}

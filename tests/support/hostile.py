@@ -25,6 +25,7 @@ Modes (see `_respond`):
   overlong-chunked         chunked body that runs 4096 bytes past the asked range
   wrong-digest             Repr-Digest of other bytes than served
   trickle                  GET bodies at 1 byte every 0.2 s
+  trickle-headers          the response headers themselves at 1 byte every 0.2 s
   no-headers               accepts, reads the request, never answers
   redirect-other-host      302 to the same path on `other` (a second listener on 127.0.0.2)
   redirect-file            302 to file:///etc/passwd
@@ -62,6 +63,7 @@ MODES = (
     "overlong-chunked",
     "wrong-digest",
     "trickle",
+    "trickle-headers",
     "no-headers",
     "redirect-other-host",
     "redirect-file",
@@ -183,6 +185,16 @@ class HostileOrigin:
         mode = self.mode
         if mode == "no-headers":
             await asyncio.sleep(3600)
+            return
+        if mode == "trickle-headers":  # each byte resets a read timeout; only a deadline helps
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {self.size}\r\nX-Pad: {'p' * 400}\r\n\r\n"
+            deadline = time.monotonic() + 60
+            for ch in head.encode():
+                if time.monotonic() > deadline:
+                    return
+                writer.write(bytes([ch]))
+                await writer.drain()
+                await asyncio.sleep(0.2)
             return
         if mode == "redirect-other-host" and local == self.host:
             where = f"http://{self.other_host}:{self.other_port}{path}"

@@ -334,7 +334,12 @@ class Store:
             raise IntegrityError(f"refusing to publish under {printable(key)!r}: not a storage key")
         manifest.uri = redact(manifest.uri)  # at rest, never a password or a signed query
         self.ensure()
+        st = os.lstat(files_dir)
+        if not stat.S_ISDIR(st.st_mode):  # a symlink planted in staging must not become a model
+            raise IntegrityError(f"refusing to publish {printable(str(files_dir))!r}: not a real directory")
         target = self.model_dir(key)
+        if os.path.lexists(target) and self.in_use(key):
+            raise ConflictError(f"models/{key} is in use; refusing to replace it")
         old = self.index.get(key)
         manifest.pinned = bool(old and old.pinned)
         _seal(files_dir, manifest.files)

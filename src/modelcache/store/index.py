@@ -189,7 +189,9 @@ class Index:
             pending = False
         mode = "ro" if pending else "ro&immutable=1"
         try:
-            return sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True, isolation_level=None)
+            # as_uri() percent-encodes: a cache root holding '?', '#' or '%' must not open another file.
+            uri = f"{self.path.absolute().as_uri()}?mode={mode}"
+            return sqlite3.connect(uri, uri=True, isolation_level=None)
         except sqlite3.Error:
             return None
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,9 +152,11 @@ def write_json_atomic(path: Path, data: str) -> None:
     A full disk is exit 5 (and leaves no temporary file behind), not an internal error.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "w") as f:
+        # O_EXCL|O_NOFOLLOW: a link planted at a predictable temporary name is never written through.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -92,7 +92,11 @@ def _expose(src_dir: Path, files: list[FileEntry], dest: Path) -> str:
     Driven by the (validated) manifest, never by walking the cache, and never through a symlink.
     On any failure DEST loses everything this call put there; ENOSPC/EDQUOT is exit 5.
     """
-    method = "hardlink" if os.stat(src_dir).st_dev == os.stat(dest).st_dev else "copy"
+    same_fs = os.stat(src_dir).st_dev == os.stat(dest).st_dev
+    # MODELCACHE_INITIALIZE_LINKS=0: copy even on one filesystem, for pods that run as root and are
+    # not trusted (a root pod can write through a hard link and hide it by restoring the mtime).
+    links = os.environ.get("MODELCACHE_INITIALIZE_LINKS", "1").strip().lower() not in ("0", "false", "no")
+    method = "hardlink" if same_fs and links else "copy"
     if method == "copy":
         _check_free(dest, sum(f.size for f in files))
     created: list[Path] = []

@@ -75,3 +75,23 @@ def test_import_never_replaces_a_cached_model(tmp_path: Path) -> None:
     assert proc.returncode in (0, 7), proc.stderr  # the existing model is kept (or the import refused)
     assert (home / "models" / key / "authorized_keys").read_bytes() == b"model bytes\n"
     assert run_cli(home, "verify", key, "--full").returncode == 0
+
+
+def test_initialize_can_copy_for_untrusted_root_pods(tmp_path: Path) -> None:
+    """A root pod can write through a hard link and restore the mtime; with links off it has its own copy."""
+    _, uri = _source(tmp_path)
+    cache = tmp_path / "shared"
+    dest = tmp_path / "pod" / "mnt-models"
+    proc = run_cli(
+        tmp_path / "unused",
+        "initialize",
+        uri,
+        str(dest),
+        "--cache-dir",
+        str(cache),
+        MODELCACHE_INITIALIZE_LINKS="0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["method"] == "copy"
+    cached = cache / "models" / storage_key(uri) / "authorized_keys"
+    assert (dest / "authorized_keys").stat().st_ino != cached.stat().st_ino

@@ -193,7 +193,11 @@ def agent_kubeconfig(control_plane: ControlPlaneInfo, kube: Client) -> Path:
         kube.apply(Namespace(metadata=ObjectMeta(name=ns)), field_manager="e2e", force=True)
     from lightkube import codecs
 
-    for doc in yaml.safe_load_all((REPO / "deploy/rbac/agent.yaml").read_text()):
+    credentials = (REPO / "deploy/rbac/job-namespace/agent-credentials.yaml").read_text()
+    job_docs = [
+        {**d, "metadata": {**d["metadata"], "namespace": JOB_NS}} for d in yaml.safe_load_all(credentials)
+    ]
+    for doc in [*yaml.safe_load_all((REPO / "deploy/rbac/agent.yaml").read_text()), *job_docs]:
         if doc["kind"] == "ServiceAccount":
             continue
         if doc["kind"].endswith("Binding"):

@@ -185,7 +185,7 @@ def _rules(docs: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
 def test_rbac_and_webhooks_match_deploy_manifests() -> None:
     docs = render()
     deploy: list[dict[str, Any]] = []
-    for path in [*(REPO / "deploy" / "rbac").glob("*.yaml"), REPO / "deploy" / "webhook.yaml"]:
+    for path in [*(REPO / "deploy" / "rbac").rglob("*.yaml"), REPO / "deploy" / "webhook.yaml"]:
         deploy += [d for d in yaml.safe_load_all(path.read_text()) if d]
     assert _rules(docs) == _rules(deploy)
     for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):

@@ -169,8 +169,8 @@ def _job_namespace_rbac(view: ClusterView) -> list[Finding]:
             4,
             f"no RoleBinding in jobNamespace {ns} (inferenceservice-config) lets {AGENT_SERVICE_ACCOUNT} "
             "read credentials there",
-            f"helm upgrade modelcache ... --set jobNamespace={ns} (or apply deploy/rbac/agent.yaml with "
-            f"namespace {ns}); otherwise downloads that need a Secret or ServiceAccount fail",
+            f"helm upgrade modelcache ... --set jobNamespace={ns} (or kubectl apply -n {ns} "
+            "-f deploy/rbac/job-namespace/); otherwise downloads that need a Secret or ServiceAccount fail",
         )
     ]
 

@@ -1,6 +1,9 @@
-"""Issue 11 item 11 on a playground of its own (controller, webhook, agent as processes) whose API
-server has no LLMInferenceService CRD: the controller watches only the pods our webhook labelled,
-still finds pods that ask for a cache from before the label existed, and works without that CRD.
+"""Issue 11 items 10-12 and 7 on a playground of its own (controller, webhook, agent as processes)
+whose API server has no LLMInferenceService CRD. The tests run in order and share its objects.
+
+- 11: the controller watches only the pods our webhook labelled, still finds pods that ask for a
+  cache from before the label existed, and works without that CRD.
+- 10: a jobNamespace other than KServe's default: download PVCs and the agents' RBAC follow it.
 
 No timed assertions: absence is checked once the controller reports a converged pass after the
 object that would have changed its plan was created.
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightkube import ApiError, Client
+import yaml
+from lightkube import ApiError, Client, codecs
 from lightkube.generic_resource import create_global_resource
+from lightkube.models.authorization_v1 import ResourceAttributes, SubjectAccessReviewSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
+from lightkube.resources.authorization_v1 import SubjectAccessReview
 from lightkube.resources.core_v1 import ConfigMap, Namespace, Node, PersistentVolumeClaim, Pod
 
 from modelcache import data
@@ -36,6 +44,8 @@ LMNG = create_global_resource("serving.kserve.io", "v1alpha1", "LocalModelNodeGr
 LLMISVC_CRD = "llminferenceservices.serving.kserve.io"
 CACHE, GROUP = "sel-llama", "sel-group"
 PVC = f"{CACHE}-{GROUP}"
+REPO = Path(__file__).resolve().parents[2]
+AGENT_SA = "system:serviceaccount:kserve:modelcache-agent"
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
@@ -65,10 +75,10 @@ def pod(name: str, namespace: str, labels: dict[str, str] | None = None) -> Pod:
     )
 
 
-def pvc_live(kube: Client, namespace: str) -> bool:
+def pvc_live(kube: Client, namespace: str, name: str = PVC) -> bool:
     """The serving PVC exists and is not on its way out (no controller-manager removes its finalizer)."""
     try:
-        found = kube.get(PersistentVolumeClaim, PVC, namespace=namespace)
+        found = kube.get(PersistentVolumeClaim, name, namespace=namespace)
     except ApiError as exc:
         if exc.status.code == 404:
             return False
@@ -210,3 +220,50 @@ def test_pods_by_label_legacy_pods_and_no_llmisvc_crd(
     status = kube.get(LMC, CACHE).get("status") or {}
     assert status["copies"] == {"total": 1, "available": 0, "failed": 0}
     assert status["nodeStatus"] == {"sel-node": "NodeDownloadPending"}
+
+
+def agent_may_read_secrets(kube: Client, namespace: str) -> bool:
+    review = SubjectAccessReview(
+        spec=SubjectAccessReviewSpec(
+            user=AGENT_SA,
+            groups=["system:serviceaccounts", "system:serviceaccounts:kserve", "system:authenticated"],
+            resourceAttributes=ResourceAttributes(namespace=namespace, verb="get", resource="secrets"),
+        )
+    )
+    done = kube.create(review)
+    return bool(done.status and done.status.allowed)
+
+
+def test_job_namespace_other_than_default(playground: tuple[Path, Client, ControlPlaneInfo]) -> None:
+    home, kube, _info = playground
+    jobs = "sel-jobs"
+    kube.create(Namespace(metadata=ObjectMeta(name=jobs)))
+    # deploy/rbac as the README says: agent.yaml, then job-namespace/ into the configured namespace
+    for doc in yaml.safe_load_all((REPO / "deploy/rbac/agent.yaml").read_text()):
+        kube.apply(codecs.from_dict(doc), field_manager="e2e", force=True)
+    for doc in yaml.safe_load_all((REPO / "deploy/rbac/job-namespace/agent-credentials.yaml").read_text()):
+        kube.apply(codecs.from_dict(doc), namespace=jobs, field_manager="e2e", force=True)
+    default_jobs = "kserve-localmodel-jobs"
+    assert pvc_live(kube, default_jobs)  # the download PVC where KServe's default put it
+
+    cm = kube.get(ConfigMap, "inferenceservice-config", namespace="kserve")
+    local = {**json.loads((cm.data or {})["localModel"]), "jobNamespace": jobs}
+    kube.patch(
+        ConfigMap, "inferenceservice-config", {"data": {"localModel": json.dumps(local)}}, namespace="kserve"
+    )
+
+    wait_for("download PVC in the new jobNamespace", lambda: pvc_live(kube, jobs))
+    wait_for("download PVC gone from the old one", lambda: not pvc_live(kube, default_jobs))
+    claim = kube.get(PersistentVolumeClaim, PVC, namespace=jobs)
+    assert claim.spec is not None and claim.spec.volumeName == f"{PVC}-download"
+    assert (claim.metadata.labels or {}).get("modelcache.io/volume-role") == "download"
+    # the agents may read credentials there, and only there
+    assert agent_may_read_secrets(kube, jobs)
+    assert not agent_may_read_secrets(kube, default_jobs)
+    assert not agent_may_read_secrets(kube, "sel-web")
+    check = subprocess.run(
+        [sys.executable, "-m", "modelcache.cli.main", "kserve", "check", "--kubeconfig",
+         str(home / "dev" / "kubeconfig")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "jobNamespace" not in check.stdout, check.stdout

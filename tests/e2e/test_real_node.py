@@ -148,8 +148,18 @@ def _finished(kube: Client, name: str, namespace: str) -> str | None:
 
 
 def _checksum_container(image: str, path: str) -> dict[str, Any]:
-    """Our image's python reads the model through the mount and prints its sha256."""
-    code = "import hashlib,sys; print('sha256', hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())"
+    """Our image's python prints the model's sha256 (through the mount) and what its network reaches."""
+    code = """
+import hashlib, socket, sys
+print("sha256", hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
+routes = [line.split()[1] for line in open("/proc/net/route").readlines()[1:]]
+print("default-route", "yes" if "00000000" in routes else "no")
+print("kubernetes", socket.gethostbyname("kubernetes.default.svc.cluster.local"))
+try:
+    print("outside", socket.gethostbyname("example.com"))
+except OSError:
+    print("outside unresolved")
+"""
     return {
         "image": image,
         "imagePullPolicy": "IfNotPresent",
@@ -313,7 +323,10 @@ def test_3_plain_annotated_pod_reads_the_model(playground: Playground) -> None:
         )
     )
     assert wait_for("annotated pod finished", lambda: _finished(kube, "vllm-0", "team-a")) == "Succeeded"
-    assert f"sha256 {playground.digest}" in _pod_log(kube, "vllm-0", "team-a")
+    log = _pod_log(kube, "vllm-0", "team-a")
+    assert f"sha256 {playground.digest}" in log
+    assert "default-route no" in log, "pods can reach only the pod and service ranges"
+    assert f"kubernetes {realnode.KUBERNETES_SERVICE_IP}" in log and "outside unresolved" in log, "static DNS"
 
 
 def test_4_status_names_the_real_node(playground: Playground) -> None:
@@ -323,6 +336,15 @@ def test_4_status_names_the_real_node(playground: Playground) -> None:
     assert state["phase"] == "running"
     assert REAL in state["info"]["nodes"] and FAKE in state["info"]["nodes"]
     assert {"kubelet", "containerd", "kube-proxy", "dnsmasq"} <= set(state["processes"])
+    # the guards that keep the node from reaching off the machine, as the processes really run
+    pids = {p["name"]: p["pid"] for p in state["info"]["real_node"]["processes"]}
+    for name in ("kubelet", "containerd"):
+        environ = Path(f"/proc/{pids[name]}/environ").read_bytes().split(b"\0")
+        assert b"HTTPS_PROXY=http://127.0.0.1:9" in environ and b"HTTP_PROXY=http://127.0.0.1:9" in environ
+    kubelet_env = Path(f"/proc/{pids['kubelet']}/environ").read_bytes().split(b"\0")
+    assert b"AWS_EC2_METADATA_DISABLED=true" in kubelet_env
+    apiserver = " ".join(state["info"]["apiserver"]["argv"])
+    assert "--kubelet-preferred-address-types=InternalIP" in apiserver
     print(f"real-node bring-up (dev up --real-node): {playground.up_seconds:.0f} s")
 
 

@@ -12,6 +12,12 @@ An origin that publishes no checksum can still change under us (or lie with one 
 contents): each ranged request of such a file starts `overlap` bytes early, and those bytes must
 equal what the neighbouring request wrote there (checked before the model is published). A read
 that makes no progress at `min_rate` over `stall_window` seconds is retried like a reset.
+
+Peers (node-to-node fill, `modelcache.peer`): with `piece_hashes` on, every fixed-size piece of a
+ranged file is hashed as soon as it is completely written and recorded in `state.json`, so a peer
+server can offer it (and a peer can check it) before the whole file is done; chunks are then whole
+pieces. A source implementing `PeerHooks` can hand over hashes it already checked and is asked to
+attest each finished file; an integrity failure makes it distrust its peers.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from modelcache.errors import (
     InsufficientSpaceError,
@@ -45,6 +51,8 @@ WRITE_BLOCK = 1 * MiB
 HASH_BLOCK = 4 * MiB
 MIN_STEAL = 16 * MiB  # split only chunks with this much left: a cut wastes what the server already sent
 STATE_FILE = "state.json"
+MIN_PIECE = 4 * MiB
+MAX_PIECES = 2048  # per file: keeps manifests small for 100 GB files
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -71,6 +79,25 @@ def split_point(start: int, received: int, end: int, min_piece: int = MIN_STEAL 
         return None
     cut = pos + remaining // 2
     return cut - cut % (64 * 1024) if cut - cut % (64 * 1024) > pos else cut
+
+
+def piece_size(size: int) -> int:
+    """The piece length for a file of `size` bytes: 4 MiB, doubled until at most MAX_PIECES pieces."""
+    piece = MIN_PIECE
+    while piece * MAX_PIECES < size:
+        piece *= 2
+    return piece
+
+
+def covered(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged [start, end) ranges."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(r for r in ranges if r[1] > r[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def backoff(attempt: int, base: float, cap: float = 20.0) -> float:
@@ -105,6 +132,9 @@ class FileTask:
     claims: list[tuple[int, int, bytes]] = field(default_factory=list)  # (offset, length, sha256)
     dirty: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    piece: int = 0  # piece length when piece hashes are kept (0: not kept)
+    pieces: dict[int, str] = field(default_factory=dict)  # index -> sha256 hex of a written piece
+    pieces_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def size(self) -> int | None:
@@ -136,7 +166,16 @@ class FileTask:
             "ranged": self.ranged,
             "chunks": [[c.start, c.end, c.done] for c in sorted(self.chunks, key=lambda c: c.start)],
             "sha256": self.sha256,
+            "piece_size": self.piece,
+            "pieces": {str(i): h for i, h in sorted(self.pieces.items())},
         }
+
+    def written(self) -> list[tuple[int, int]]:
+        return covered([(c.start, c.start + c.done) for c in self.chunks])
+
+    def piece_bounds(self, index: int) -> tuple[int, int]:
+        assert self.size is not None and self.piece
+        return index * self.piece, min(self.size, (index + 1) * self.piece)
 
 
 @dataclass(frozen=True)
@@ -199,6 +238,38 @@ class TransferConfig:
     overlap: int = int(os.environ.get("MODELCACHE_OVERLAP", str(8 * 1024)))
     stall_window: float = float(os.environ.get("MODELCACHE_STALL_WINDOW", "30"))
     min_rate: int = int(os.environ.get("MODELCACHE_MIN_RATE", "1024"))  # bytes/s while waiting on the origin
+    piece_hashes: bool = False  # keep per-piece sha256 in state.json (a peer server offers those pieces)
+    peers: Swarm | None = None  # other nodes to fetch pieces from first (implies piece_hashes)
+
+
+@runtime_checkable
+class Swarm(Protocol):
+    """Peers for one pull (`modelcache.peer.source.Swarm`): given as plain data by the caller."""
+
+    def attach(self, origin: Source, snapshot: Snapshot) -> Source:
+        """A source that reads from peers first and `origin` otherwise (also a `PeerHooks`)."""
+        ...
+
+
+@runtime_checkable
+class PeerHooks(Protocol):
+    """What a peer-aware source (`modelcache.peer.source.PeerSource`) adds to `Source`."""
+
+    def piece_hash(self, f: RemoteFile, index: int) -> str | None:
+        """The sha256 of piece `index` if this source already checked the bytes it handed over."""
+        ...
+
+    async def attest(self, f: RemoteFile, sha256: str) -> None:
+        """Raise IntegrityError when `sha256` of the finished file is not what its origin-fetcher saw."""
+        ...
+
+    def distrust(self) -> None:
+        """An integrity failure happened: fetch only from the origin from now on."""
+        ...
+
+    async def detach(self) -> None:
+        """Stop watching peers (the origin source stays open: its owner closes it)."""
+        ...
 
 
 class Transfer:
@@ -215,12 +286,12 @@ class Transfer:
         config: TransferConfig | None = None,
         on_event: Callable[[ProgressEvent], None] | None = None,
     ) -> None:
-        self.source = source
+        self.config = config or TransferConfig()
+        self.source = source if self.config.peers is None else self.config.peers.attach(source, snapshot)
         self.snapshot = snapshot
         self.staging = staging
         self.dest_dir = dest_dir
         self.uri = uri
-        self.config = config or TransferConfig()
         self.on_event = on_event or (lambda e: None)
         self.limiter = RateLimiter(self.config.limit_rate) if self.config.limit_rate else None
         self.tasks: list[FileTask] = []
@@ -276,6 +347,10 @@ class Transfer:
             cursor = max((c.end or 0 for c in chunks), default=0)
             task = FileTask(rf, dest, ranged, chunks, cursor=cursor)
             task.sha256 = sha if task.complete() else None
+            if (self.config.piece_hashes or self.config.peers is not None) and ranged and rf.size:
+                task.piece = piece_size(rf.size)
+                if same and prev is not None and prev.get("piece_size") == task.piece:
+                    task.pieces = {int(i): h for i, h in (prev.get("pieces") or {}).items()}
             self.tasks.append(task)
 
     def _open_files(self) -> None:
@@ -326,6 +401,7 @@ class Transfer:
         stop = asyncio.Event()
         checkpointer = asyncio.create_task(self._checkpoint_loop(stop))
         hashers = [asyncio.create_task(self._hasher(t)) for t in self.tasks]
+        hashers += [asyncio.create_task(self._piece_hasher(t)) for t in self.tasks if t.piece]
         workers = [asyncio.create_task(self._worker()) for _ in range(max(1, self.config.connections))]
         try:
             await asyncio.gather(*workers)
@@ -340,15 +416,32 @@ class Transfer:
             await asyncio.gather(checkpointer, return_exceptions=True)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self._checkpoint)
-        await asyncio.to_thread(self._check_claims)
-        result: dict[str, str] = {}
-        for t in self.tasks:
-            assert t.sha256 is not None
-            if t.rf.sha256 and t.rf.sha256.lower() != t.sha256:
-                raise IntegrityError(
-                    f"{t.rf.path}: sha256 {t.sha256[:12]}… does not match the source's {t.rf.sha256[:12]}…"
-                )
-            result[t.rf.path] = t.sha256
+        hooks = self.source if isinstance(self.source, PeerHooks) else None
+        try:
+            return await self._verify(hooks)
+        finally:
+            if hooks is not None:
+                await hooks.detach()
+
+    async def _verify(self, hooks: PeerHooks | None) -> dict[str, str]:
+        total = self.snapshot.total_bytes
+        try:
+            await asyncio.to_thread(self._check_claims)
+            result: dict[str, str] = {}
+            for t in self.tasks:
+                assert t.sha256 is not None
+                if t.rf.sha256 and t.rf.sha256.lower() != t.sha256:
+                    raise IntegrityError(
+                        f"{t.rf.path}: sha256 {t.sha256[:12]}… does not match "
+                        f"the source's {t.rf.sha256[:12]}…"
+                    )
+                if hooks is not None and not t.rf.sha256:
+                    await hooks.attest(t.rf, t.sha256)
+                result[t.rf.path] = t.sha256
+        except (IntegrityError, SnapshotMismatchError):
+            if hooks is not None:
+                hooks.distrust()
+            raise
         self.on_event(ProgressEvent("done", nbytes=total, total=total))
         return result
 
@@ -379,7 +472,7 @@ class Transfer:
         unallocated = sum((t.size or 0) - t.cursor for t in self.tasks if t.ranged)
         for t in self.tasks:
             if t.ranged and t.size is not None and t.cursor < t.size:
-                n = self.config.chunk_size or next_chunk_size(unallocated, self.config.connections)
+                n = t.piece or self.config.chunk_size or next_chunk_size(unallocated, self.config.connections)
                 c = Chunk(t.cursor, min(t.size, t.cursor + n))
                 t.cursor = c.end or t.cursor
                 t.chunks.append(c)
@@ -387,7 +480,7 @@ class Transfer:
         # Nothing left to allocate: take the back half of the biggest chunk still in flight.
         best: tuple[int, FileTask, Chunk] | None = None
         for t in self.tasks:
-            if not t.ranged:
+            if not t.ranged or t.piece:  # pieces are the unit peers offer and check: never cut
                 continue
             for c in t.chunks:
                 if c.active and c.end is not None:
@@ -539,6 +632,33 @@ class Transfer:
                 yield data
 
     # -- hashing -----------------------------------------------------------------------------
+    async def _piece_hasher(self, t: FileTask) -> None:
+        """Hash each piece once it is completely written (any order), for peers to fetch and check."""
+        assert t.size is not None
+        count = (t.size + t.piece - 1) // t.piece
+        hooks = self.source if isinstance(self.source, PeerHooks) else None
+        while len(t.pieces) < count:
+            written = t.written()
+            for index in range(count):
+                if index in t.pieces:
+                    continue
+                a, b = t.piece_bounds(index)
+                if not any(s <= a and b <= e for s, e in written):
+                    continue
+                known = hooks.piece_hash(t.rf, index) if hooks is not None else None
+                if known is None:
+                    h = hashlib.sha256()
+                    await asyncio.to_thread(_with_fd, t.dest, _hash_range, h, a, b)
+                    known = h.hexdigest()
+                t.pieces[index] = known
+                t.dirty = True
+                t.pieces_changed.set()
+            if len(t.pieces) >= count:
+                break
+            t.changed.clear()
+            if t.written() == written:
+                await t.changed.wait()
+
     async def _hasher(self, t: FileTask) -> None:
         if t.sha256 is not None:
             return

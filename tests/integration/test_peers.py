@@ -1,0 +1,171 @@
+"""Node-to-node fill on loopback: three stores, real peer servers, a real origin, a lying relay.
+
+Each "node" is a Store plus a PeerServer on 127.0.0.1; pulls run through the engine in this
+process with `TransferConfig(peers=...)`. Byte counts come from the origin's own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+
+from modelcache import engine
+from modelcache.peer import API
+from modelcache.peer.auth import HEADER, sign
+from modelcache.peer.server import PeerServer
+from modelcache.peer.source import swarm
+from modelcache.store import Store
+from modelcache.transfer import TransferConfig
+from modelcache.uri import parse_uri
+from tests.conftest import write_random
+from tests.support.corrupting_relay import CorruptingRelay
+from tests.support.origin import Origin
+
+MiB = 1 << 20
+TOKEN = "peer-token-for-tests"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def node(root: Path) -> AsyncIterator[tuple[Store, str]]:
+    store = Store(root)
+    store.ensure()
+    server = PeerServer(store, TOKEN, host="127.0.0.1", port=0)
+    port = await server.start()
+    try:
+        yield store, f"127.0.0.1:{port}"
+    finally:
+        await server.stop()
+
+
+def config(peers: list[str], me: str | None, key: str) -> TransferConfig:
+    return TransferConfig(
+        connections=4,
+        retries=3,
+        retry_base=0.05,
+        piece_hashes=True,
+        peers=swarm(key, [(p, TOKEN) for p in peers], me) if peers else None,
+    )
+
+
+def published(store: Store, url: str, name: str) -> bytes:
+    rec = store.lookup(url)
+    assert rec is not None
+    return (Path(rec.path) / name).read_bytes()
+
+
+def test_fill_from_peers_past_a_liar_and_a_dead_peer(tmp_path: Path, origin_root: Path) -> None:
+    data = write_random(origin_root / "w.bin", 40 * MiB + 123)
+    with Origin(origin_root) as origin:
+        url = origin.url_for("/w.bin")
+        key = parse_uri(url).key
+
+        async def scenario() -> None:
+            async with node(tmp_path / "a") as (a, addr_a), node(tmp_path / "b") as (b, addr_b):
+                await engine.pull(a, url, config=config([], None, key))
+                assert origin.bytes_sent_for("/w.bin") >= len(data)
+                origin.reset_stats()
+                # B fills from A: the origin sends only the few KiB that cross-check neighbours.
+                await engine.pull(b, url, config=config([addr_a], addr_b, key))
+                assert published(b, url, "w.bin") == data
+                assert origin.bytes_sent_for("/w.bin") < len(data) // 20
+                origin.reset_stats()
+                # C: a relay in front of A that flips bytes, a dead peer, and B.
+                relay = CorruptingRelay(("127.0.0.1", int(addr_a.rsplit(":", 1)[1])))
+                relay_port = await relay.start()
+                dead = f"127.0.0.1:{_closed_port()}"
+                try:
+                    async with node(tmp_path / "c") as (c, addr_c):
+                        peers = [f"127.0.0.1:{relay_port}", dead, addr_b]
+                        await engine.pull(c, url, config=config(peers, addr_c, key))
+                        assert published(c, url, "w.bin") == data
+                finally:
+                    await relay.stop()
+                assert relay.corrupted >= 1  # it did lie, and cost at most a piece per lie
+                assert origin.bytes_sent_for("/w.bin") < len(data) // 4
+
+        asyncio.run(scenario())
+
+
+def test_three_nodes_at_once_share_the_origin(tmp_path: Path, origin_root: Path) -> None:
+    data = write_random(origin_root / "m.bin", 32 * MiB + 5)
+    with Origin(origin_root, rate_limit=16 * MiB) as origin:
+        url = origin.url_for("/m.bin")
+        key = parse_uri(url).key
+
+        async def scenario() -> None:
+            async with (
+                node(tmp_path / "a") as (a, addr_a),
+                node(tmp_path / "b") as (b, addr_b),
+                node(tmp_path / "c") as (c, addr_c),
+            ):
+                everyone = [addr_a, addr_b, addr_c]
+                await asyncio.gather(
+                    *(
+                        engine.pull(s, url, config=config(everyone, me, key))
+                        for s, me in zip((a, b, c), everyone, strict=True)
+                    )
+                )
+                for s in (a, b, c):
+                    assert published(s, url, "m.bin") == data
+
+        asyncio.run(scenario())
+        # Each piece is the job of one owner: far less than the 3 copies of three lone pulls.
+        assert origin.bytes_sent_for("/m.bin") < 1.5 * len(data)
+
+
+def test_peer_server_wants_signatures_and_offers_only_good_files(tmp_path: Path, origin_root: Path) -> None:
+    data = write_random(origin_root / "x.bin", 9 * MiB)
+    with Origin(origin_root, digest=True) as origin:
+        url = origin.url_for("/x.bin")
+        key = parse_uri(url).key
+
+        async def scenario() -> None:
+            async with node(tmp_path / "a") as (a, addr_a), aiohttp.ClientSession() as http:
+                await engine.pull(a, url, config=config([], None, key))
+                path = f"{API}/{key}/files/x.bin"
+                base = f"http://{addr_a}"
+                async with http.get(base + path, headers={"Range": "bytes=0-9"}) as resp:
+                    assert resp.status == 401
+                    assert TOKEN not in await resp.text()
+                wrong = {"Range": "bytes=0-9", HEADER: sign("not-the-token", "GET", path, "bytes=0-9")}
+                async with http.get(base + path, headers=wrong) as resp:
+                    assert resp.status == 401
+                good = {"Range": "bytes=10-19", HEADER: sign(TOKEN, "GET", path, "bytes=10-19")}
+                async with http.get(base + path, headers=good) as resp:
+                    assert resp.status == 206 and await resp.read() == data[10:20]
+                    assert resp.headers["Content-Range"] == f"bytes 10-19/{len(data)}"
+                # A published copy damaged on disk is never offered (re-checked when first hashed).
+                rec = a.lookup(url)
+                assert rec is not None
+                victim = Path(rec.path) / "x.bin"
+                os.chmod(victim, stat.S_IRUSR | stat.S_IWUSR)
+                with open(victim, "r+b") as fh:
+                    fh.seek(5 * MiB)
+                    fh.write(b"\0" * 8)
+                fresh = PeerServer(a, TOKEN, host="127.0.0.1", port=0)
+                port = await fresh.start()
+                try:
+                    doc = await fresh.describe(key)
+                    assert doc is not None and doc["files"] == {}
+                    good = {HEADER: sign(TOKEN, "GET", path)}
+                    async with http.get(f"http://127.0.0.1:{port}{path}", headers=good) as resp:
+                        assert resp.status == 404
+                finally:
+                    await fresh.stop()
+                assert hashlib.sha256(data).hexdigest() != hashlib.sha256(victim.read_bytes()).hexdigest()
+
+        asyncio.run(scenario())

@@ -4,6 +4,7 @@ whose API server has no LLMInferenceService CRD. The tests run in order and shar
 - 11: the controller watches only the pods our webhook labelled, still finds pods that ask for a
   cache from before the label existed, and works without that CRD.
 - 10: a jobNamespace other than KServe's default: download PVCs and the agents' RBAC follow it.
+- 12: controller-runtime's reconcile, workqueue and webhook metrics, scraped.
 
 No timed assertions: absence is checked once the controller reports a converged pass after the
 object that would have changed its plan was created.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.authorization_v1 import SubjectAccessReview
 from lightkube.resources.core_v1 import ConfigMap, Namespace, Node, PersistentVolumeClaim, Pod
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelcache import data
 from modelcache.dev import ControlPlaneInfo
@@ -86,12 +89,30 @@ def pvc_live(kube: Client, namespace: str, name: str = PVC) -> bool:
     return found.metadata is not None and found.metadata.deletionTimestamp is None
 
 
-def readyz(home: Path) -> str:
+def component_port(home: Path, name: str, flag: str) -> int:
     state = json.loads(Layout(home).state.read_text())
-    argv = next(c["argv"] for c in state["components"] if c["name"] == "controller")
-    port = argv[argv.index("--health-port") + 1]
+    argv = next(c["argv"] for c in state["components"] if c["name"] == name)
+    return int(argv[argv.index(flag) + 1])
+
+
+def readyz(home: Path) -> str:
+    port = component_port(home, "controller", "--health-port")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
         return str(resp.read().decode())
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text endpoint (TLS not verified: the webhook's own CA)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(url, timeout=5, context=context) as resp:
+        text = resp.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def passes(home: Path) -> int:
@@ -267,3 +288,33 @@ def test_job_namespace_other_than_default(playground: tuple[Path, Client, Contro
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert "jobNamespace" not in check.stdout, check.stdout
+
+
+def test_controller_runtime_metrics_scraped(playground: tuple[Path, Client, ControlPlaneInfo]) -> None:
+    home, kube, _info = playground
+    kube.create(pod("scraped", "sel-web"))  # one more pod admission, surely after the webhook started
+    c = (("controller", "localmodelcache"),)
+    q = (*c, ("name", "localmodelcache"))
+    controller = scrape(f"http://127.0.0.1:{component_port(home, 'controller', '--health-port')}/metrics")
+    assert controller[("controller_runtime_reconcile_total", (*c, ("result", "success")))] >= 1
+    assert ("controller_runtime_reconcile_total", (*c, ("result", "error"))) in controller
+    assert ("controller_runtime_reconcile_errors_total", c) in controller
+    assert controller[("controller_runtime_reconcile_time_seconds_count", c)] >= 1
+    assert ("controller_runtime_reconcile_time_seconds_bucket", (*c, ("le", "+Inf"))) in controller
+    assert controller[("controller_runtime_max_concurrent_reconciles", c)] == 1
+    assert controller[("workqueue_adds_total", q)] >= 1
+    assert controller[("workqueue_work_duration_seconds_count", q)] >= 1
+    for name in (
+        "workqueue_depth",
+        "workqueue_retries_total",
+        "workqueue_unfinished_work_seconds",
+        "workqueue_longest_running_processor_seconds",
+        "workqueue_queue_duration_seconds_count",
+    ):
+        assert (name, q) in controller, name
+
+    webhook = scrape(f"https://127.0.0.1:{component_port(home, 'webhook', '--port')}/metrics")
+    pods = ("webhook", "/mutate/pods")
+    assert webhook[("controller_runtime_webhook_requests_total", (("code", "200"), pods))] >= 1
+    assert webhook[("controller_runtime_webhook_latency_seconds_count", (pods,))] >= 1
+    assert webhook[("controller_runtime_webhook_requests_in_flight", (pods,))] == 0

@@ -28,6 +28,7 @@ from lightkube.resources.core_v1 import ConfigMap, PersistentVolume, PersistentV
 from modelcache.errors import ModelcacheError, UsageError
 from modelcache.kube.config import LocalModelConfig, parse_local_model_config
 from modelcache.kube.constants import CONFIGMAP_NAME, MANAGED_BY, MANAGED_BY_LABEL, MODEL_POD_LABEL
+from modelcache.kube.metrics import ReconcileMetrics
 
 from . import reconcile as r
 from .apply import Writer
@@ -76,7 +77,8 @@ class Controller:
         self.config = LocalModelConfig()
         self.config_loaded = asyncio.Event()
         self._wake = asyncio.Event()
-        self.hub = Hub(self._wake.set)
+        self.metrics = ReconcileMetrics()
+        self.hub = Hub(self.poke)
         self.writer = Writer(client, opts.namespace)
         self.passes = 0
         self.converged = False
@@ -84,6 +86,11 @@ class Controller:
         #: which the label-selected watch cannot see; volumes are left alone until the first sweep.
         self.unlabelled_pods: list[r.Service] = []
         self.pods_swept = asyncio.Event()
+
+    def poke(self) -> None:
+        """Ask for a pass (a watch event, a config change, a sweep result): one queue add."""
+        self.metrics.added()
+        self._wake.set()
 
     # -- config ----------------------------------------------------------------------------------------
 
@@ -106,7 +113,7 @@ class Controller:
             _, ignored = r.agent_image(config, self.opts.agent_image)
             if ignored:
                 log.warning("%s", ignored)
-            self._wake.set()
+            self.poke()
         self.config_loaded.set()
 
     async def watch_config(self) -> None:
@@ -192,7 +199,7 @@ class Controller:
             changed = found != self.unlabelled_pods
             self.unlabelled_pods = found
             if changed or not self.pods_swept.is_set():
-                self._wake.set()
+                self.poke()
             self.pods_swept.set()
             if not found:
                 log.info(
@@ -246,14 +253,17 @@ class Controller:
             timeout = float(self.config.resync_seconds)
             if retry_at is not None:
                 timeout = max(0.0, min(timeout, retry_at - time.monotonic()))
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            except TimeoutError:
+                self.metrics.added()  # the resync or retry timer (controller-runtime: AddAfter)
             if self.hub.indexes is None:
                 self._wake.clear()
                 continue  # kopf has not finished its initial listing yet
             await asyncio.sleep(self.opts.debounce)  # let a burst of events land in the indexes
             self._wake.clear()
             started = time.monotonic()
+            self.metrics.started()
             try:
                 observed = await self.observe()
                 plan = r.plan(observed, _now())
@@ -269,6 +279,7 @@ class Controller:
                 outcome = await self.writer.apply(plan)
             except Exception:
                 log.exception("reconcile pass failed; retrying")
+                self.metrics.finished("error")
                 retry_at = time.monotonic() + backoff
                 backoff = min(backoff * 2, 30.0)
                 continue
@@ -284,12 +295,15 @@ class Controller:
                     time.monotonic() - started,
                 )
             if outcome.failed:
+                self.metrics.finished("error")
                 retry_at = time.monotonic() + backoff
                 backoff = min(backoff * 2, 30.0)
             elif outcome.skipped:
+                self.metrics.finished("requeue_after")
                 retry_at = time.monotonic() + self.writer.recent.window  # recheck once the echo is due
                 backoff = 0.5
             else:
+                self.metrics.finished("success")
                 retry_at = None
                 backoff = 0.5
 
@@ -320,7 +334,8 @@ async def _health_server(host: str, port: int, controller: Controller, elector: 
         return web.Response(text=f"ok {role} passes={controller.passes} converged={controller.converged}")
 
     async def metrics(_: web.Request) -> web.Response:
-        """Prometheus text: process metrics plus the loop's own gauges (the chart's metrics port)."""
+        """Prometheus text: process metrics, controller-runtime's reconcile and workqueue metrics
+        (kube/metrics.py) and the loop's own gauges (the chart's metrics port)."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         leader = 1 if elector is None or elector.is_leader else 0

@@ -23,6 +23,7 @@ import secrets
 import signal
 import ssl
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from modelcache.kube.constants import (
     READY_NODE_LABEL_VALUE,
     ready_label,
 )
+from modelcache.kube.metrics import WebhookMetrics
 from modelcache.uri import redact, storage_key
 from modelcache.webhook import admission, registration, tls
 from modelcache.webhook.admission import Cluster, Decision, EventNote, NotReadyPolicy, Obj, Options
@@ -187,16 +189,24 @@ def redact_text(text: str) -> str:
     return _URI_IN_TEXT.sub(lambda m: redact(m.group(0)), one_line)
 
 
+CLUSTER_READS = 8  # concurrent reads of cluster state for admission decisions
+MAX_PENDING_EVENTS = 64  # Events still being written; more are dropped with a log line
+
+
 class Webhook:
     def __init__(self, reader: Reader, options: Options) -> None:
         self.reader = reader
         self.options = options
         self.ready = False
         self._background: set[asyncio.Task[None]] = set()
+        self.metrics = WebhookMetrics(tuple(registration.PATHS))
+        # Anyone who can reach the port can POST reviews: bound what each costs the apiserver.
+        self._reads = asyncio.Semaphore(CLUSTER_READS)
 
     async def decide(self, req: Obj, mutating: bool) -> Decision:
         try:
-            cluster = await self.reader.read(req, admission.reads(req))
+            async with self._reads:
+                cluster = await self.reader.read(req, admission.reads(req))
             return admission.review(req, cluster, self.options)
         except Exception as exc:  # the cluster reads (or a bug): one line, the traceback at debug level
             reason = redact_text(f"{type(exc).__name__}: {exc}")[:300]
@@ -207,6 +217,24 @@ class Webhook:
             return admission.deny(f"modelcache webhook could not check this request: {reason}", code=500)
 
     async def admit(self, request: web.Request) -> web.Response:
+        """`_admit`, counted and timed per path as controller-runtime's webhook server does."""
+        started = time.monotonic()
+        self.metrics.begin(request.path)
+        code = 500
+        try:
+            response = await self._admit(request)
+            code = response.status
+            return response
+        finally:
+            self.metrics.end(request.path, code, time.monotonic() - started)
+
+    async def metrics_text(self, _: web.Request) -> web.Response:
+        """Prometheus text: controller-runtime's webhook metrics and the process' own."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _admit(self, request: web.Request) -> web.Response:
         """HTTP 400 with a one-line reason for a body that is no AdmissionReview (see
         `admission.parse_review`), else the AdmissionReview response."""
         body = request[BODY] if BODY in request else await request.read()
@@ -222,6 +250,9 @@ class Webhook:
             )
         decision = await self.decide(req, mutating=request.path.startswith("/mutate"))
         for note in decision.events:
+            if len(self._background) >= MAX_PENDING_EVENTS:  # events are best effort: drop, never queue
+                log.warning("dropping an event: %d still being recorded", len(self._background))
+                break
             task = asyncio.create_task(self._record(note))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -257,6 +288,7 @@ class Webhook:
             app.router.add_post(path, self.admit)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_text)
         return app
 
 

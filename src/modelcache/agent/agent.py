@@ -80,6 +80,10 @@ class Settings:
     adopt_read_rate: float = 64 << 20  # bytes/s when hashing folders adopted from another cache
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9090
+    # Node-to-node fill (modelcache.peer): off without a token; the port is the same on every node.
+    peer_port: int = 0
+    peer_token: str = field(default="", repr=False)
+    peer_upload_rate: int | None = 256 << 20
 
 
 @dataclass
@@ -217,6 +221,7 @@ class Agent:
             self.s.metrics_host,
             ports[0] if ports else self.s.metrics_port,
         )
+        peer_server = await self._start_peer_server()
         tasks = [
             asyncio.create_task(self._watch(), name="watch"),
             asyncio.create_task(self._loop(), name="reconcile"),
@@ -232,8 +237,57 @@ class Agent:
                 *tasks, *self.downloads.values(), *self.probes.values(), return_exceptions=True
             )
             await runner.cleanup()
+            if peer_server is not None:
+                await peer_server.stop()
             self._disk_pool.shutdown(wait=False)
             shutil.rmtree(self._files_dir, ignore_errors=True)
+
+    async def _start_peer_server(self) -> Any:
+        """Serve this node's models to the other agents (signed requests only), when configured."""
+        if not (self.s.peer_port and self.s.peer_token):
+            return None
+        from modelcache.peer.server import PeerServer
+
+        server = PeerServer(
+            self.store, self.s.peer_token, port=self.s.peer_port, upload_rate=self.s.peer_upload_rate
+        )
+        await server.start()
+        log.info("serving peers on port %d", server.port)
+        return server
+
+    async def _peers(self, key: str, info: LocalModelInfo) -> TransferConfig:
+        """The transfer config for one download: with the nodes that hold or fetch this model as
+        peers (from LocalModelNode statuses and Node InternalIPs), or as is when peering is off."""
+        if not (self.s.peer_port and self.s.peer_token):
+            return self.transfer_config
+        import dataclasses
+
+        from lightkube.resources.core_v1 import Node
+
+        from modelcache.peer import discovery
+        from modelcache.peer.source import swarm
+
+        try:
+            statuses = [_plain(o) async for o in self.client.list(LocalModelNodeRes)]
+            names = set(discovery.peer_nodes(info.modelName, statuses, self.s.node_name))
+            ips: dict[str, str] = {}
+            async for node in self.client.list(Node):
+                name = node.metadata.name if node.metadata else None
+                if name in names or name == self.s.node_name:
+                    ip = discovery.internal_ip(node.to_dict())
+                    if ip:
+                        ips[str(name)] = ip
+        except Exception as exc:  # no peers is always safe: the origin is the fallback
+            log.warning("%s: cannot list peers (%s); fetching from the origin only", key, type(exc).__name__)
+            return self.transfer_config
+        me = ips.get(self.s.node_name)
+        pairs = [
+            (discovery.address(ips[n], self.s.peer_port), self.s.peer_token) for n in sorted(names & set(ips))
+        ]
+        mine = discovery.address(me, self.s.peer_port) if me else None
+        if pairs:
+            log.info("%s: %d peer(s) hold or fetch it", key, len(pairs))
+        return dataclasses.replace(self.transfer_config, peers=swarm(key, pairs, mine), piece_hashes=True)
 
     def _startup(self) -> None:
         """Adopt what is on disk: repair after any crash; complete models count as downloaded."""
@@ -690,7 +744,7 @@ class Agent:
                 self.store,
                 info.sourceModelUri,
                 options=SourceOptions(env=creds.env),
-                config=self.transfer_config,
+                config=await self._peers(key, info),
                 on_event=on_event,
             )
             size = result.record.size_bytes

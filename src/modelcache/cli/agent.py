@@ -65,6 +65,26 @@ def main(
     ] = False,
     metrics_host: Annotated[str, typer.Option(help="Address for /metrics, /healthz, /readyz.")] = "0.0.0.0",
     metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="Port for /metrics etc.")] = 9090,
+    peer_port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            envvar="MODELCACHE_PEER_PORT",
+            help="Serve and fetch models node to node (0: off).",
+        ),
+    ] = 0,
+    peer_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MODELCACHE_PEER_TOKEN_FILE",
+            help="File with the cluster's shared peer token (a Secret); no token, no peering.",
+        ),
+    ] = None,
+    peer_upload_rate: Annotated[
+        str,
+        typer.Option(envvar="MODELCACHE_PEER_UPLOAD_RATE", help="Cap on bytes/s served to peers (0: none)."),
+    ] = "256Mi",
 ) -> None:
     """Fill this node's model cache from its LocalModelNode; report progress; retry, verify, evict."""
     import asyncio
@@ -107,6 +127,9 @@ def main(
         delete_unreferenced=delete_unreferenced,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        peer_port=peer_port,
+        peer_token=_peer_token(peer_token_file),
+        peer_upload_rate=parse_quantity(peer_upload_rate) or None,
     )
 
     async def run() -> None:
@@ -132,6 +155,22 @@ def main(
             await client.close()
 
     asyncio.run(run())
+
+
+def _peer_token(path: Path | None) -> str:
+    """The shared peer token (MODELCACHE_PEER_TOKEN, else the file); never echoed in errors."""
+    import os
+
+    from modelcache.errors import UsageError
+
+    if token := os.environ.get("MODELCACHE_PEER_TOKEN", "").strip():
+        return token
+    if path is None:
+        return ""
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the peer token file {path}: {exc.strerror}") from exc
 
 
 if __name__ == "__main__":

@@ -27,6 +27,4 @@ class Peer:
 
     @property
     def base(self) -> str:
-        host, _, port = self.address.rpartition(":")
-        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        return f"http://{host}:{port}"
+        return f"http://{self.address}"  # host:port, with an IPv6 host in brackets

@@ -357,3 +357,16 @@ def _has_token(kube: Client, namespace: str) -> bool:
         return bool(kube.get(ServiceAccount, "default", namespace=namespace).secrets)
     except ApiError:
         return False
+
+
+def test_5_one_real_node_per_machine(
+    playground: Playground, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A second real node (another home) is a conflict (exit 7), refused before touching the host."""
+    other = tmp_path_factory.mktemp("o")
+    second = cli("dev", "up", "--real-node", "--nodes", "0", "--home", str(other), timeout=120)
+    assert second.returncode == 7, second.stderr
+    assert second.stderr.count("\n") == 1 and "real node already runs" in second.stderr
+    assert not (other / "dev" / "state.json").exists()
+    usage = cli("dev", "up", "--image", "x.tar", "--home", str(other), timeout=60)
+    assert usage.returncode == 2 and "need --real-node" in usage.stderr

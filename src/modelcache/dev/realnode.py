@@ -239,15 +239,15 @@ def preflight(k8s_dir: Path, options: Options, node_dir: Path) -> Binaries:
         if not path.exists():
             hint = {"image archive": "run `make image`", "chart": "pass --chart", "helm": "run `make helm`"}
             raise NotFoundError(f"{what} not found at {path}: {hint[what]}")
-    sock = Paths(node_dir).sock
-    if len(str(sock)) > 100:
-        raise UsageError(f"--home is too deep for a unix socket ({sock}); use a shorter --home")
     if Path(f"/sys/class/net/{BRIDGE}").exists():
         raise ConflictError(f"a real node already runs on this machine (bridge {BRIDGE} exists)")
     for host, port in FIXED_PORTS:
         if host == NODE_IP:
             continue  # the bridge does not exist yet; checked again once it does
         _check_port(host, port)
+    sock = Paths(node_dir).sock
+    if len(str(sock)) > 100:
+        raise UsageError(f"--home is too deep for a unix socket ({sock}); use a shorter --home")
     return binaries
 
 

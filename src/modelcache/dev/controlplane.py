@@ -1,7 +1,8 @@
 """A local Kubernetes control plane (etcd + kube-apiserver) for e2e tests and `modelcache dev up`.
 
 No kubelet, scheduler or controller-manager: our node agents run as local processes, so the apiserver
-is all we need. Everything lives under `<home>/dev/`:
+is all we need. (`up(real_node=...)` adds a real worker and the controllers pods need, with the
+apiserver on the node bridge instead of loopback: see `realnode`.) Everything lives under `<home>/dev/`:
 
     pki/           CA, serving cert, admin client cert, service-account key pair
     etcd/          etcd data (wiped on every fresh start)
@@ -9,6 +10,7 @@ is all we need. Everything lives under `<home>/dev/`:
     users/         kubeconfigs minted for other users (RBAC tests)
     kubeconfig     admin (system:masters) kubeconfig
     state.json     pids, process groups, ports: lets `down`/`status` work from any process
+    node/          the real node's containerd, kubelet, CNI and helm files (only with a real node)
 
 Consequences of having no controller-manager, worth knowing when writing tests: namespaces never
 finish terminating, ownerReferences are not garbage-collected, Jobs never run, service-account

@@ -44,6 +44,7 @@ from modelcache.errors import (
     TransientSourceError,
 )
 from modelcache.quantity import format_bytes
+from modelcache.safepath import real_dir, write_nofollow
 from modelcache.sources.base import RemoteFile, Snapshot, Source
 
 MiB = 1 << 20
@@ -316,7 +317,7 @@ class Transfer:
             "files": {t.rf.path: t.to_state() for t in self.tasks},
         }
         tmp = self.staging / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(data))
+        write_nofollow(tmp, json.dumps(data).encode())
         os.replace(tmp, self.staging / STATE_FILE)
 
     def _plan(self) -> None:
@@ -358,7 +359,7 @@ class Transfer:
         sync opens the file for that one call (`_with_fd`), so a model with more files than the
         open-file limit works, and open descriptors stay bounded by the thread pool."""
         for t in self.tasks:
-            t.dest.parent.mkdir(parents=True, exist_ok=True)
+            real_dir(t.dest.parent, "staging directory")
             size = t.size
             try:
                 fd = os.open(t.dest, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -391,8 +392,8 @@ class Transfer:
     # -- run ---------------------------------------------------------------------------------
     async def run(self) -> dict[str, str]:
         """Returns {path: sha256}. Raises SourceError / IntegrityError / InsufficientSpaceError."""
-        self.staging.mkdir(parents=True, exist_ok=True)
-        self.dest_dir.mkdir(parents=True, exist_ok=True)
+        real_dir(self.staging, "staging directory")
+        real_dir(self.dest_dir, "staging directory")
         self._plan()
         self._open_files()
         total = self.snapshot.total_bytes

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from lightkube import ApiError, Client, codecs
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
-from lightkube.resources.apps_v1 import DaemonSet
+from lightkube.resources.apps_v1 import DaemonSet, Deployment
 from lightkube.resources.core_v1 import ConfigMap, Node, Pod, ServiceAccount
 
 import tests.support.origin as origin_module
@@ -218,6 +218,9 @@ spec:
     assert status["nodeStatus"] == {REAL: "NodeDownloaded", FAKE: "NodeDownloaded"}
     agent = kube.get(DaemonSet, "workers-agent", namespace="kserve")
     assert agent.spec.template.spec.containers[0].image == playground.image
+    # nothing is ever pulled: every pod of the install names the imported tag and never pulls it
+    templates = [agent.spec.template] + [d.spec.template for d in kube.list(Deployment, namespace="kserve")]
+    assert {c.imagePullPolicy for t in templates for c in t.spec.containers} == {"Never"}
     pods = kube.list(Pod, namespace="kserve", labels={"app.kubernetes.io/name": "modelcache-agent"})
     running = [p for p in pods if p.spec.nodeName == REAL and p.status.phase == "Running"]
     assert running, "the agent runs as a DaemonSet pod on the real node"

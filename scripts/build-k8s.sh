@@ -39,7 +39,7 @@ want=("$@")
 ((${#want[@]})) || want=("${ALL[@]}")
 if [[ " ${want[*]} " == *" kubelet "* ]]; then
   # What the real node runs besides our binaries (`modelcache dev up --real-node`).
-  RUN_PACKAGES+=(containerd runc containernetworking-plugins iptables dnsmasq-base)
+  RUN_PACKAGES+=(containerd runc containernetworking-plugins iptables conntrack dnsmasq-base)
 fi
 for w in "${want[@]}"; do
   [[ " ${ALL[*]} " == *" $w "* ]] || die "unknown binary '$w' (one of: ${ALL[*]})"

@@ -92,7 +92,7 @@ HOST_PATHS = (
     "/usr/libexec/kubernetes",
 )
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-RUNTIME_PACKAGES = "containerd runc containernetworking-plugins iptables dnsmasq-base"
+RUNTIME_PACKAGES = "containerd runc containernetworking-plugins iptables conntrack dnsmasq-base"
 #: Stop order: the kubelet first (it would restart containers), containerd last.
 STOP_ORDER = ("kubelet", "kube-proxy", "dnsmasq", "kube-scheduler", "kube-controller-manager", "containerd")
 

@@ -84,10 +84,13 @@ def up(
         ),
     ] = False,
     image: Annotated[
-        Path | None, typer.Option(help="image archive for --real-node [default: dist/modelcache-image.tar]")
+        Path | None,
+        typer.Option(
+            help="image archive for --real-node (default: dist/modelcache-image.tar, from make image)"
+        ),
     ] = None,
     chart: Annotated[
-        Path | None, typer.Option(help="chart for --real-node [default: charts/modelcache]")
+        Path | None, typer.Option(help="chart for --real-node (default: charts/modelcache)")
     ] = None,
     helm_set: Annotated[
         list[str] | None, typer.Option("--set", help="extra helm value for --real-node (repeatable)")

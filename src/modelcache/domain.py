@@ -15,17 +15,23 @@
 - **Cache matching**: a storageUri is served by a cache whose sourceModelUri equals it or is a
   parent path of it (`uri.sub_path`); namespace caches of the workload's namespace first, then
   cluster caches, each in name order; caches being deleted match nothing.
+- **Who downloads**: a scheme our engine knows (`uri.SCHEMES`) is downloaded in process by the
+  agent; any other is downloaded by a KServe-style Job the controller runs (`needs_download_job`),
+  with the image of the ClusterStorageContainer that declares the URI, else `defaultJobImage`
+  (KServe's storage-initializer, which reads hdfs:// and webhdfs://). The webhook admits such a URI
+  only when one of the two can read it (`job_download_problem`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from modelcache.uri import sub_path
+from modelcache.uri import SCHEMES, sub_path
 
 #: Key in inferenceservice-config `localModel` (ours; KServe ignores unknown keys).
 STORAGE_POLICY_KEY = "modelcacheStorageLimit"
@@ -287,3 +293,65 @@ def match_cache(
 
 def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+# -- who downloads -------------------------------------------------------------------------------
+#: ClusterStorageContainer workload type for KServe's local model download Jobs.
+LOCAL_MODEL_WORKLOAD = "localModelDownloadJob"
+#: Schemes KServe's default job image (its storage-initializer) reads that our engine does not.
+DEFAULT_JOB_SCHEMES = frozenset({"hdfs", "webhdfs"})
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def uri_scheme(uri: str) -> str:
+    """The scheme of `scheme://...`, lower case; "" for anything else (a path, garbage)."""
+    m = _SCHEME.match(uri.strip())
+    return m.group(1).lower() if m else ""
+
+
+def needs_download_job(uri: str) -> bool:
+    """A URI with a scheme our engine does not know: a download Job fetches it, not the agent."""
+    scheme = uri_scheme(uri)
+    return bool(scheme) and scheme not in SCHEMES
+
+
+def uri_supported(formats: Any, uri: str) -> bool:
+    """KServe's IsStorageUriSupported: a prefix match, or an (unanchored) regex search."""
+    for f in formats if isinstance(formats, list) else []:
+        if not isinstance(f, Mapping):
+            continue
+        if f.get("prefix"):
+            if uri.startswith(str(f["prefix"])):
+                return True
+        elif f.get("regex"):
+            try:
+                if re.search(str(f["regex"]), uri):
+                    return True
+            except re.error:
+                continue
+    return False
+
+
+def matching_container(cscs: Iterable[Mapping[str, Any]], uri: str) -> Mapping[str, Any] | None:
+    """The first enabled localModelDownloadJob ClusterStorageContainer (by name) supporting `uri`."""
+    for csc in sorted(cscs, key=lambda c: str((c.get("metadata") or {}).get("name", ""))):
+        if csc.get("disabled"):
+            continue
+        spec = csc.get("spec") or {}
+        if spec.get("workloadType") != LOCAL_MODEL_WORKLOAD:
+            continue
+        if uri_supported(spec.get("supportedUriFormats"), uri):
+            return csc
+    return None
+
+
+def job_download_problem(uri: str, cscs: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why no download Job could fetch `uri` (None: one can). Only for URIs `needs_download_job`."""
+    scheme = uri_scheme(uri)
+    if scheme in DEFAULT_JOB_SCHEMES or matching_container(cscs, uri) is not None:
+        return None
+    known = ", ".join(sorted({*SCHEMES, *DEFAULT_JOB_SCHEMES}))
+    return (
+        f"unknown URI scheme {scheme!r} (known: {known}); a ClusterStorageContainer with workloadType "
+        f"{LOCAL_MODEL_WORKLOAD} whose supportedUriFormats match the URI makes a download Job fetch it"
+    )

@@ -5,6 +5,8 @@ whose API server has no LLMInferenceService CRD. The tests run in order and shar
   cache from before the label existed, and works without that CRD.
 - 10: a jobNamespace other than KServe's default: download PVCs and the agents' RBAC follow it.
 - 12: controller-runtime's reconcile, workqueue and webhook metrics, scraped.
+- 7: KServe-style download Jobs for schemes our engine does not read (no kubelet: the Jobs never
+  run; their spec is checked, and their status, written by hand, reaches the caches).
 
 No timed assertions: absence is checked once the controller reports a converged pass after the
 object that would have changed its plan was created.
@@ -31,19 +33,26 @@ from lightkube.models.authorization_v1 import ResourceAttributes, SubjectAccessR
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.authorization_v1 import SubjectAccessReview
-from lightkube.resources.core_v1 import ConfigMap, Namespace, Node, PersistentVolumeClaim, Pod
+from lightkube.resources.batch_v1 import Job
+from lightkube.resources.core_v1 import ConfigMap, Event, Namespace, Node, PersistentVolumeClaim, Pod
+from lightkube.types import PatchType
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelcache import data
 from modelcache.dev import ControlPlaneInfo
 from modelcache.dev.controlplane import Layout, down, up
 from modelcache.kube.constants import MODEL_ANNOTATION, MODEL_POD_LABEL
+from modelcache.uri import storage_key
 
 from .support import leftover_processes, require_binaries
 
 pytestmark = pytest.mark.e2e
 LMC = create_global_resource("serving.kserve.io", "v1alpha1", "LocalModelCache", "localmodelcaches")
 LMNG = create_global_resource("serving.kserve.io", "v1alpha1", "LocalModelNodeGroup", "localmodelnodegroups")
+LMN = create_global_resource("serving.kserve.io", "v1alpha1", "LocalModelNode", "localmodelnodes")
+CSC = create_global_resource(
+    "serving.kserve.io", "v1alpha1", "ClusterStorageContainer", "clusterstoragecontainers"
+)
 LLMISVC_CRD = "llminferenceservices.serving.kserve.io"
 CACHE, GROUP = "sel-llama", "sel-group"
 PVC = f"{CACHE}-{GROUP}"
@@ -244,11 +253,17 @@ def test_pods_by_label_legacy_pods_and_no_llmisvc_crd(
 
 
 def agent_may_read_secrets(kube: Client, namespace: str) -> bool:
+    return allowed(kube, AGENT_SA, namespace, "get", "secrets")
+
+
+def allowed(kube: Client, user: str, namespace: str, verb: str, resource: str, group: str = "") -> bool:
     review = SubjectAccessReview(
         spec=SubjectAccessReviewSpec(
-            user=AGENT_SA,
+            user=user,
             groups=["system:serviceaccounts", "system:serviceaccounts:kserve", "system:authenticated"],
-            resourceAttributes=ResourceAttributes(namespace=namespace, verb="get", resource="secrets"),
+            resourceAttributes=ResourceAttributes(
+                namespace=namespace, verb=verb, resource=resource, group=group
+            ),
         )
     )
     done = kube.create(review)
@@ -318,3 +333,159 @@ def test_controller_runtime_metrics_scraped(playground: tuple[Path, Client, Cont
     assert webhook[("controller_runtime_webhook_requests_total", (("code", "200"), pods))] >= 1
     assert webhook[("controller_runtime_webhook_latency_seconds_count", (pods,))] >= 1
     assert webhook[("controller_runtime_webhook_requests_in_flight", (pods,))] == 0
+
+
+def make_group(kube: Client, name: str, node: str) -> None:
+    affinity = {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}
+    kube.create(
+        LMNG(
+            {
+                "metadata": {"name": name},
+                "spec": {
+                    "storageLimit": "1Gi",
+                    "persistentVolumeClaimSpec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "resources": {"requests": {"storage": "1Gi"}},
+                    },
+                    "persistentVolumeSpec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "capacity": {"storage": "1Gi"},
+                        "local": {"path": "/models"},
+                        "nodeAffinity": {
+                            "required": {"nodeSelectorTerms": [{"matchExpressions": [affinity]}]}
+                        },
+                    },
+                },
+            }
+        )
+    )
+
+
+def model_status(kube: Client, node: str) -> dict[str, str]:
+    status: dict[str, str] = (kube.get(LMN, node).get("status") or {}).get("modelStatus") or {}
+    return status
+
+
+def test_download_jobs_for_schemes_we_do_not_read(playground: tuple[Path, Client, ControlPlaneInfo]) -> None:
+    home, kube, _info = playground
+    jobs = "sel-jobs"  # the jobNamespace the previous test configured
+    hdfs, custom = "hdfs://namenode:8020/models/llama", "myproto://bucket/model"
+    # the controller's RBAC follows jobNamespace like the agents' (deploy/rbac/job-namespace/)
+    controller_sa = "system:serviceaccount:kserve:modelcache-controller"
+    for doc in yaml.safe_load_all((REPO / "deploy/rbac/controller.yaml").read_text()):
+        kube.apply(codecs.from_dict(doc), field_manager="e2e", force=True)
+    for doc in yaml.safe_load_all((REPO / "deploy/rbac/job-namespace/controller-jobs.yaml").read_text()):
+        kube.apply(codecs.from_dict(doc), namespace=jobs, field_manager="e2e", force=True)
+    assert allowed(kube, controller_sa, jobs, "create", "jobs", "batch")
+    assert not allowed(kube, controller_sa, "default", "create", "jobs", "batch")
+
+    kube.create(
+        CSC(
+            {
+                "metadata": {"name": "sel-myproto"},
+                "spec": {
+                    "workloadType": "localModelDownloadJob",
+                    "supportedUriFormats": [{"prefix": "myproto://"}],
+                    "container": {
+                        "name": "myproto-dl",
+                        "image": "example.org/myproto-downloader:1.0",
+                        "env": [{"name": "MYPROTO_ENDPOINT", "value": "http://127.0.0.1:9"}],
+                    },
+                },
+            }
+        )
+    )
+    # dev-node-1 runs an agent process: it must leave the Job's entry (and status) alone
+    make_group(kube, "sel-dev", "dev-node-1")
+    for name, uri, groups in (("sel-hdfs", hdfs, [GROUP, "sel-dev"]), ("sel-custom", custom, [GROUP])):
+        kube.create(
+            LMC(
+                {
+                    "metadata": {"name": name},
+                    "spec": {"sourceModelUri": uri, "modelSize": "10Mi", "nodeGroups": groups},
+                }
+            )
+        )
+
+    def job(name: str) -> Job:
+        return kube.get(Job, name, namespace=jobs)
+
+    hdfs_job = wait_for("hdfs Job", lambda: job("sel-hdfs-sel-node"))
+    wait_for("hdfs Job on the agent's node", lambda: job("sel-hdfs-dev-node-1"))
+    custom_job = wait_for("storage-container Job", lambda: job("sel-custom-sel-node"))
+
+    spec = hdfs_job.to_dict()["spec"]
+    meta = hdfs_job.to_dict()["metadata"]
+    assert meta["labels"]["model"] == "sel-hdfs" and meta["labels"]["node"] == "sel-node"
+    assert (
+        meta["ownerReferences"][0]["kind"] == "LocalModelNode"
+        and meta["ownerReferences"][0]["name"] == "sel-node"
+    )
+    # 1.20 drops this field (TTLAfterFinished is alpha, gate off; beta from 1.21): we send 3600,
+    # as the unit test shows; a newer apiserver keeps it
+    assert spec.get("ttlSecondsAfterFinished", 3600) == 3600
+    pod = spec["template"]["spec"]
+    assert pod["nodeName"] == "sel-node" and pod["restartPolicy"] == "Never"
+    assert pod["securityContext"] == {"fsGroup": 1000}
+    assert pod["volumes"] == [
+        {"name": "kserve-pvc-source", "persistentVolumeClaim": {"claimName": PVC.replace(CACHE, "sel-hdfs")}}
+    ]
+    (container,) = pod["containers"]
+    assert container["image"] == "kserve/storage-initializer:latest"
+    assert container["args"] == [hdfs, "/mnt/models"]
+    assert container["volumeMounts"] == [
+        {"name": "kserve-pvc-source", "mountPath": "/mnt/models", "subPath": f"models/{storage_key(hdfs)}"}
+    ]
+    (custom_container,) = custom_job.to_dict()["spec"]["template"]["spec"]["containers"]
+    assert custom_container["image"] == "example.org/myproto-downloader:1.0"
+    assert custom_container["name"] == "myproto-dl"
+    assert custom_container["env"] == [{"name": "MYPROTO_ENDPOINT", "value": "http://127.0.0.1:9"}]
+    # the download PVC the Jobs mount exists where they run
+    wait_for("download PVC", lambda: pvc_live(kube, jobs, "sel-hdfs-sel-group"))
+
+    # status: the Job's state is the entry's modelStatus, and the cache's nodeStatus
+    wait_for(
+        "Pending from the Job",
+        lambda: model_status(kube, "sel-node").get("sel-hdfs") == "ModelDownloadPending",
+    )
+    events = {e.reason for e in kube.list(Event, namespace="default") if e.involvedObject.name == "sel-hdfs"}
+    assert "DownloadJobCreated" in events
+    kube.patch(
+        Job.Status, "sel-hdfs-sel-node", {"status": {"active": 1}}, namespace=jobs, patch_type=PatchType.MERGE
+    )
+    wait_for(
+        "Downloading",
+        lambda: (
+            (kube.get(LMC, "sel-hdfs").get("status") or {}).get("nodeStatus", {}).get("sel-node")
+            == "NodeDownloading"
+        ),
+    )
+    for name in ("sel-hdfs-sel-node", "sel-hdfs-dev-node-1"):
+        kube.patch(
+            Job.Status,
+            name,
+            {"status": {"active": 0, "succeeded": 1}},
+            namespace=jobs,
+            patch_type=PatchType.MERGE,
+        )
+    wait_for(
+        "2/2 copies",
+        lambda: (kube.get(LMC, "sel-hdfs").get("status") or {}).get("copies", {}).get("available") == 2,
+    )
+    converged_after(home, passes(home))
+    assert model_status(kube, "dev-node-1").get("sel-hdfs") == "ModelDownloaded"  # the agent left it
+    assert (kube.get(LMC, "sel-hdfs").get("status") or {})["nodeStatus"] == {
+        "sel-node": "NodeDownloaded",
+        "dev-node-1": "NodeDownloaded",
+    }
+
+    # the cache goes: its Job goes too
+    kube.delete(LMC, "sel-custom")
+    wait_for(
+        "Job deleted with its entry",
+        lambda: (
+            not any((j.metadata.name or "") == "sel-custom-sel-node" for j in kube.list(Job, namespace=jobs))
+        ),
+    )
+    agent_log = (Path(home) / "dev" / "logs" / "agent-dev-node-1.log").read_text()
+    assert "hdfs" not in agent_log and "Traceback" not in agent_log

@@ -858,7 +858,7 @@ class Agent:
         for status in ("ModelDownloadPending", "ModelDownloading", "ModelDownloaded", "ModelDownloadError"):
             self.metrics.models.labels(status=status).set(counts.get(status, 0))
         due = time.monotonic() - self._last_patch >= self.s.progress_interval
-        others = {e.status_key for e in pl.entries(self._spec(), None)} - set(phases)
+        others = pl.status_keys(self._spec()) - set(phases)  # other groups' and download Jobs
         patch = pl.status_patch(self.lmn.get("status"), phases, details, progress_due=due, others=others)
         if patch is None:
             return

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +26,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
+from modelcache import domain
 from modelcache.api.types import LocalModelInfo
 from modelcache.errors import AuthError
 
 DEFAULT_STORAGE_SECRET = "storage-config"
 DEFAULT_SERVICE_ACCOUNT = "default"
-LOCAL_MODEL_WORKLOAD = "localModelDownloadJob"
+LOCAL_MODEL_WORKLOAD = domain.LOCAL_MODEL_WORKLOAD
 SUPPORTED_STORAGE_TYPES = ("s3", "hdfs", "webhdfs")
 IRSA_ANNOTATION = "eks.amazonaws.com/role-arn"
 S3_ANNOTATION_PREFIX = "serving.kserve.io/"
@@ -135,35 +135,12 @@ class Credentials:
 
 
 # -- ClusterStorageContainer -------------------------------------------------------------------
-def uri_supported(formats: list[dict[str, Any]] | None, uri: str) -> bool:
-    """KServe's IsStorageUriSupported: a prefix match, or an (unanchored) regex search."""
-    for f in formats or []:
-        if f.get("prefix"):
-            if uri.startswith(f["prefix"]):
-                return True
-        elif f.get("regex"):
-            try:
-                if re.search(f["regex"], uri):
-                    return True
-            except re.error:
-                continue
-    return False
+# One rule with the controller (download Jobs) and the webhook: modelcache.domain.
+uri_supported = domain.uri_supported
+matching_container = domain.matching_container
 
 
-def matching_container(cscs: list[dict[str, Any]], uri: str) -> dict[str, Any] | None:
-    """The first enabled localModelDownloadJob storage container (by name) that supports the URI."""
-    for csc in sorted(cscs, key=lambda c: (c.get("metadata") or {}).get("name", "")):
-        if csc.get("disabled"):
-            continue
-        spec = csc.get("spec") or {}
-        if spec.get("workloadType") != LOCAL_MODEL_WORKLOAD:
-            continue
-        if uri_supported(spec.get("supportedUriFormats"), uri):
-            return csc
-    return None
-
-
-async def _container_env(csc: dict[str, Any], lookup: Lookup, creds: Credentials) -> None:
+async def _container_env(csc: Mapping[str, Any], lookup: Lookup, creds: Credentials) -> None:
     name = (csc.get("metadata") or {}).get("name", "?")
     creds.origin.append(f"clusterstoragecontainer/{name}")
     for var in ((csc.get("spec") or {}).get("container") or {}).get("env") or []:

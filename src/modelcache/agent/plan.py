@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from modelcache.api.types import LocalModelInfo, LocalModelNodeSpec, ModelProgress, ModelStatus
-from modelcache.domain import pvc_name, status_key
+from modelcache.domain import needs_download_job, pvc_name, status_key
 from modelcache.quantity import format_bytes
 from modelcache.uri import storage_key
 
@@ -53,15 +53,24 @@ class Entry:
 
 
 def entries(spec: LocalModelNodeSpec | None, node_group: str | None = None) -> list[Entry]:
-    """The entries this agent serves: all, or those of its node group (entries without a group too)."""
+    """The entries this agent serves: all, or those of its node group (entries without a group too).
+    URIs our engine cannot read are not served here: the controller's download Job fetches them and
+    reports their status (`domain.needs_download_job`)."""
     if spec is None:
         return []
     out = []
     for info in spec.localModels:
         if node_group and info.nodeGroup and info.nodeGroup != node_group:
             continue
+        if needs_download_job(info.sourceModelUri):
+            continue
         out.append(Entry(info))
     return out
+
+
+def status_keys(spec: LocalModelNodeSpec | None) -> set[str]:
+    """Status keys of every entry, served here or not (another group's agent, a download Job)."""
+    return {status_key(i.namespace, i.modelName) for i in (spec.localModels if spec else [])}
 
 
 @dataclass(frozen=True)

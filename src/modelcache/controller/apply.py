@@ -20,9 +20,10 @@ from typing import Any
 from lightkube import ApiError, AsyncClient, codecs
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.resources.apps_v1 import DaemonSet
+from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Event as CoreEvent
 from lightkube.resources.core_v1 import Node, PersistentVolume, PersistentVolumeClaim
-from lightkube.types import PatchType
+from lightkube.types import CascadeType, PatchType
 
 from modelcache.api.types import API_VERSION, GROUP, VERSION
 from modelcache.kube.constants import MANAGED_BY, MANAGED_BY_LABEL
@@ -146,6 +147,16 @@ class Writer:
             jobs.append((("daemonset", meta["name"]), body["spec"], self._daemonset_job(body)))
         for name in plan.daemonset_deletes:
             jobs.append((("daemonset-delete", name), None, self._delete_job(DaemonSet, name, self.namespace)))
+        for body in plan.job_creates:
+            meta = body["metadata"]
+            jobs.append((("job", meta["namespace"], meta["name"]), None, self._create_job(Job, body)))
+        for namespace, name in plan.job_deletes:
+            jobs.append((("job-delete", namespace, name), None, self._delete_job(Job, name, namespace)))
+        for node, states in plan.lmn_status.items():
+            status_patch = {"status": {"modelStatus": states}}
+            jobs.append(
+                (("lmn-status", node), states, self._patch_job(LocalModelNodeRes.Status, node, status_patch))
+            )
         for node, labels in plan.node_labels.items():
             label_patch: dict[str, Any] = {"metadata": {"labels": labels}}
             jobs.append((("node-labels", node), labels, self._patch_job(Node, node, label_patch)))
@@ -201,7 +212,7 @@ class Writer:
     def _create_job(self, res: Any, body: dict[str, Any]) -> Callable[[], Awaitable[None]]:
         async def job() -> None:
             try:
-                await self.client.create(res(body))
+                await self.client.create(codecs.from_dict(body) if res is Job else res(body))
             except ApiError as exc:
                 if exc.status.code != 409:
                     raise
@@ -251,9 +262,12 @@ class Writer:
         )
 
     def _delete_job(self, res: Any, name: str, namespace: str | None = None) -> Callable[[], Awaitable[None]]:
+        # Background: a Job's pods go with it (the API's default for Jobs orphans them).
+        cascade = CascadeType.BACKGROUND if res is Job else None
+
         async def job() -> None:
             try:
-                await self.client.delete(res, name, namespace=namespace)
+                await self.client.delete(res, name, namespace=namespace, cascade=cascade)
             except ApiError as exc:
                 if exc.status.code != 404:
                     raise

@@ -15,16 +15,21 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import kopf
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube import operators as ops
+from lightkube.generic_resource import create_global_resource
 from lightkube.resources.apps_v1 import DaemonSet
+from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod
 
+from modelcache.api.types import GROUP
 from modelcache.errors import ModelcacheError, UsageError
 from modelcache.kube.config import LocalModelConfig, parse_local_model_config
 from modelcache.kube.constants import CONFIGMAP_NAME, MANAGED_BY, MANAGED_BY_LABEL, MODEL_POD_LABEL
@@ -33,11 +38,16 @@ from modelcache.kube.metrics import ReconcileMetrics
 from . import reconcile as r
 from .apply import Writer
 from .handlers import Hub, build_registry, configure_selectors, services
+from .jobs import COMPONENT_LABEL as JOB_COMPONENT_LABEL
+from .jobs import JOB_COMPONENT, DownloadJob, job_from
 from .leader import LeaderElector, default_identity
 
 log = logging.getLogger("modelcache.controller")
 
 FIELD_MANAGER = "modelcache-controller"
+ClusterStorageContainerRes = create_global_resource(
+    GROUP, "v1alpha1", "ClusterStorageContainer", "clusterstoragecontainers"
+)
 EXIT_LOST_LEADERSHIP = 1
 
 
@@ -86,6 +96,7 @@ class Controller:
         #: which the label-selected watch cannot see; volumes are left alone until the first sweep.
         self.unlabelled_pods: list[r.Service] = []
         self.pods_swept = asyncio.Event()
+        self._jobs_seen = False  # Jobs existed at the last listing: keep listing to clean them up
 
     def poke(self) -> None:
         """Ask for a pass (a watch event, a config change, a sweep result): one queue add."""
@@ -220,10 +231,46 @@ class Controller:
                 )
             await asyncio.sleep(float(self.config.resync_seconds))
 
+    async def _list_jobs(
+        self, model_nodes: Mapping[str, r.ModelNode]
+    ) -> tuple[list[DownloadJob] | None, list[dict[str, Any]]]:
+        """Our download Jobs in jobNamespace and the ClusterStorageContainers, when any entry needs a
+        Job or Jobs were seen last time (to delete them); else nothing is read (no RBAC needed)."""
+        wanted = any(r.needs_download_job(e.source_uri) for mn in model_nodes.values() for e in mn.entries)
+        if not wanted and not self._jobs_seen:
+            return [], []
+        labels: dict[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY, JOB_COMPONENT_LABEL: JOB_COMPONENT}
+        try:
+            found = [
+                job_from(_obj_dict(j))
+                async for j in self.client.list(Job, namespace=self.config.jobNamespace, labels=labels)
+            ]
+            jobs = [j for j in found if j is not None]
+            cscs: list[dict[str, Any]] = []
+            if wanted:
+                try:
+                    cscs = [_obj_dict(c) async for c in self.client.list(ClusterStorageContainerRes)]
+                except ApiError as exc:
+                    if exc.status.code != 404:  # no such CRD: no storage containers
+                        raise
+                except httpx2.HTTPStatusError as exc:  # no such group/version: a plain-text 404
+                    if exc.response.status_code != 404:
+                        raise
+        except Exception as exc:
+            log.warning(
+                "listing download Jobs in %s failed (left alone this pass): %s", self.config.jobNamespace, exc
+            )
+            return None, []
+        self._jobs_seen = bool(jobs)
+        return jobs, cscs
+
     async def observe(self) -> r.Observed:
         snap = self.hub.snapshot()
         snap["pods_idx"] = snap.get("pods_idx", []) + list(self.unlabelled_pods)
-        volumes, daemonsets = await asyncio.gather(self._list_volumes(), self._list_daemonsets())
+        model_nodes = {m.name: m for m in snap.get("model_nodes_idx", []) if isinstance(m, r.ModelNode)}
+        (volumes, daemonsets, (jobs, cscs)) = await asyncio.gather(
+            self._list_volumes(), self._list_daemonsets(), self._list_jobs(model_nodes)
+        )
         if not self.pods_swept.is_set():
             volumes = None  # serving PVCs of unlabelled pods are unknown yet: neither create nor delete
         caches = [
@@ -235,12 +282,14 @@ class Controller:
             nodes={n.name: n for n in snap.get("nodes_idx", []) if isinstance(n, r.Node)},
             groups={g.name: g for g in snap.get("groups_idx", []) if isinstance(g, r.NodeGroup)},
             caches=caches,
-            model_nodes={m.name: m for m in snap.get("model_nodes_idx", []) if isinstance(m, r.ModelNode)},
+            model_nodes=model_nodes,
             services=services(snap),
             volumes=volumes,
             daemonsets=daemonsets,
             agent_image=self.opts.agent_image,
             agent_settings=self.opts.agent_settings,
+            jobs=jobs,
+            storage_containers=cscs,
         )
 
     # -- the loop --------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ from modelcache.kube.constants import (
 from modelcache.quantity import parse_quantity
 from modelcache.uri import storage_key
 
+from .jobs import DownloadJob, JobEntry, plan_jobs
+
 # Names only the controller writes and reads (the lead may move them to kube/constants.py).
 #: Role of a PV/PVC we created: "download" (jobNamespace) or "serving" (an ISVC namespace).
 VOLUME_ROLE_LABEL = "modelcache.io/volume-role"
@@ -74,7 +76,8 @@ CONDITION_READY = "Ready"
 CONDITION_SCHEDULED = "Scheduled"
 
 #: Re-exported: these rules live in `modelcache.domain`, shared with the webhook and the agent.
-__all__ = ["REASON_STORAGE_LIMIT", "Requirement", "requirement_matches"]
+__all__ = ["REASON_STORAGE_LIMIT", "Requirement", "needs_download_job", "requirement_matches"]
+needs_download_job = domain.needs_download_job
 
 _MAX_NAMES_IN_MESSAGE = 5
 
@@ -236,6 +239,10 @@ class Observed:
     daemonsets: Mapping[str, str] | None = None  # name -> spec hash annotation
     agent_image: str = DEFAULT_AGENT_IMAGE
     agent_settings: Mapping[str, Any] = field(default_factory=dict)  # see apply_agent_settings
+    #: our download Jobs in jobNamespace (None: not listed, leave Jobs alone) and the
+    #: ClusterStorageContainers that pick their image (see controller/jobs.py)
+    jobs: Sequence[DownloadJob] | None = None
+    storage_containers: Sequence[Mapping[str, Any]] = ()
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -282,6 +289,10 @@ class Plan:
     daemonset_applies: list[dict[str, Any]] = field(default_factory=list)
     daemonset_deletes: list[str] = field(default_factory=list)
     node_labels: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    job_creates: list[dict[str, Any]] = field(default_factory=list)
+    job_deletes: list[tuple[str, str]] = field(default_factory=list)  # (namespace, name)
+    #: LocalModelNode status.modelStatus entries a download Job reports (node -> key -> value)
+    lmn_status: dict[str, dict[str, str]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -298,6 +309,9 @@ class Plan:
             + len(self.daemonset_applies)
             + len(self.daemonset_deletes)
             + len(self.node_labels)
+            + len(self.job_creates)
+            + len(self.job_deletes)
+            + len(self.lmn_status)
         )
 
 
@@ -951,7 +965,45 @@ def plan(observed: Observed, now: str) -> Plan:
     _volumes(observed, placement, out)
     _daemonsets(observed, out)
     _ready_labels(observed, wanted, out)
+    _download_jobs(observed, out)
     return out
+
+
+def job_entries(observed: Observed) -> list[JobEntry]:
+    """LocalModelNode entries (of nodes that exist) whose URI only a download Job can read."""
+    out = []
+    for node_name, mn in sorted(observed.model_nodes.items()):
+        if node_name not in observed.nodes:
+            continue
+        for e in mn.entries:
+            if domain.needs_download_job(e.source_uri):
+                out.append(
+                    JobEntry(
+                        node=node_name,
+                        node_uid=mn.uid,
+                        namespace=e.namespace,
+                        model_name=e.model_name,
+                        source_uri=e.source_uri,
+                        node_group=e.node_group,
+                        reported=mn.model_status.get(e.status_key, ""),
+                    )
+                )
+    return out
+
+
+def _download_jobs(observed: Observed, out: Plan) -> None:
+    """KServe-style download Jobs (controller/jobs.py) and the LocalModelNode status they mean."""
+    if observed.jobs is None:
+        return
+    jp = plan_jobs(job_entries(observed), observed.jobs, observed.storage_containers, observed.config)
+    out.job_creates.extend(jp.creates)
+    out.job_deletes.extend(jp.deletes)
+    out.lmn_status.update(jp.statuses)
+    caches = {c.ref: c for c in observed.caches}
+    for namespace, name, type_, reason, message in jp.notes:
+        cache = caches.get((namespace, name))
+        if cache is not None:
+            out.events.append(Event(_ref(cache), type_, reason, message))
 
 
 def desired_entries(

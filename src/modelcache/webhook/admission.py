@@ -380,17 +380,27 @@ def validate_cache(request: Mapping[str, Any], cluster: Cluster) -> Decision:
     label = _cache_label(kind, _namespace(obj), _name(obj))
     if problems:
         return deny(f"{label}: " + "; ".join(problems))
+    warnings = _job_warning(label, _spec(obj).get("sourceModelUri"))
     missing = [g for g in _strs(_spec(obj).get("nodeGroups")) if g not in cluster.node_groups]
     if missing:
         # GitOps applies in any order (KServe accepts this too): the controller reports
         # Scheduled=False NodeGroupNotFound and places the cache when the group appears.
-        return Decision(
-            warnings=(
-                f"{label}: node group(s) {', '.join(missing)} not found yet; admitted, and placed "
-                "(after a capacity check) once they exist",
-            )
+        warnings += (
+            f"{label}: node group(s) {', '.join(missing)} not found yet; admitted, and placed "
+            "(after a capacity check) once they exist",
         )
-    return Decision()
+    return Decision(warnings=warnings)
+
+
+def _job_warning(label: str, uri: Any) -> tuple[str, ...]:
+    """A scheme our engine does not read is fetched by a download Job, without our guarantees."""
+    if not isinstance(uri, str) or not domain.needs_download_job(uri):
+        return ()
+    return (
+        f"{label}: scheme {domain.uri_scheme(uri)!r} is downloaded by a Job in localModel.jobNamespace "
+        "(the image of the ClusterStorageContainer declaring the URI, else defaultJobImage), not by "
+        "modelcache's agent: no resume, checksums or disk budget for it",
+    )
 
 
 def _cache_spec_problems(obj: Obj, kind: str, cluster: Cluster) -> list[str]:
@@ -401,6 +411,8 @@ def _cache_spec_problems(obj: Obj, kind: str, cluster: Cluster) -> list[str]:
         problems.append("spec.sourceModelUri is required")
     elif "://" not in uri:
         problems.append(f"spec.sourceModelUri {redact(uri)!r} needs a scheme, e.g. hf://org/model")
+    elif domain.needs_download_job(uri):
+        pass  # KServe-style download Job (see `_job_warning`): KServe checks no scheme either
     else:
         try:
             parse_uri(uri)

@@ -100,6 +100,7 @@ class StateReader:
     async def _list(self, res: Any, **kwargs: Any) -> list[Obj]:
         """Plain dicts; a kind whose CRD is not installed (404) lists as empty. `res` may be a
         list of versions of one kind, tried in order until one is served."""
+        import httpx2
         from lightkube import ApiError
 
         for version in res if isinstance(res, list) else [res]:
@@ -107,6 +108,9 @@ class StateReader:
                 return [o.to_dict() async for o in self.client.list(version, **kwargs)]
             except ApiError as exc:
                 if exc.status.code != 404:
+                    raise
+            except httpx2.HTTPStatusError as exc:  # no such group/version: a plain-text 404
+                if exc.response.status_code != 404:
                     raise
         return []
 

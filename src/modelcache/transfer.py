@@ -260,6 +260,10 @@ class PeerHooks(Protocol):
         """The sha256 of piece `index` if this source already checked the bytes it handed over."""
         ...
 
+    def wants_overlap(self, f: RemoteFile, start: int) -> bool:
+        """Whether a read starting at `start` should re-read its neighbour's tail (the origin check)."""
+        ...
+
     async def attest(self, f: RemoteFile, sha256: str) -> None:
         """Raise IntegrityError when `sha256` of the finished file is not what its origin-fetcher saw."""
         ...
@@ -580,6 +584,8 @@ class Transfer:
             return
         # No source checksum: start early and keep what the neighbour wrote there as a witness.
         overlap = min(self.config.overlap, pos) if t.ranged and not t.rf.sha256 else 0
+        if overlap and isinstance(self.source, PeerHooks) and not self.source.wants_overlap(t.rf, pos):
+            overlap = 0  # this piece will come from a peer and be checked against its sha256
         head = bytearray()
         stream = self._guarded(self.source.read(t.rf, pos - overlap, c.end), t)
         async with contextlib.aclosing(stream):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from modelcache.peer import discovery
 from modelcache.peer.auth import sign, verify
 
 
-def lmn(name: str, **status: str) -> dict[str, object]:
+def lmn(name: str, **status: str) -> dict[str, Any]:
     return {"metadata": {"name": name}, "status": {"modelStatus": status}}
 
 
 def test_peers_are_nodes_that_hold_or_fetch_the_model() -> None:
-    statuses = [
+    statuses: list[dict[str, Any]] = [
         lmn("a", llama="ModelDownloaded"),
         lmn("b", llama="ModelDownloading"),
         lmn("c", llama="ModelDownloadError"),

@@ -70,7 +70,11 @@ class PeerServer:
         self.uploads = asyncio.Semaphore(max_uploads)
         self.bytes_sent = 0
         self._pieces: dict[tuple[str, str, int, int], dict[int, str] | None] = {}
+        # Piece hashes of files seen complete in staging, by (key, path): (whole sha256, pieces).
+        # Publishing is a rename, so a published file with that sha256 needs no second hashing.
+        self._staged: dict[tuple[str, str], tuple[str, dict[int, str]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._states: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -150,6 +154,12 @@ class PeerServer:
         files = {}
         for p, f in state.get("files", {}).items():
             pieces = f.get("pieces") or {}
+            size, piece, sha = f.get("size"), f.get("piece_size"), f.get("sha256")
+            whole = (
+                isinstance(size, int) and isinstance(piece, int) and piece > 0 and len(pieces) * piece >= size
+            )
+            if whole and isinstance(sha, str):
+                self._staged[(key, p)] = (sha, valid_pieces(pieces))
             files[p] = {
                 "size": f.get("size"),
                 "etag": f.get("etag"),
@@ -182,28 +192,22 @@ class PeerServer:
         if self.uploads.locked():
             return web.Response(status=503, headers={"Retry-After": "1"}, text="busy\n")
         async with self.uploads:
+            if self.limiter is not None:  # paid up front, per range: the average is what is capped
+                await self.limiter.take(stop - start)
             try:
                 fd = os.open(offer.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
                 return web.Response(status=404, text="not here\n")
+            resp = web.StreamResponse(status=206 if header is not None else 200)
+            resp.content_length = stop - start
+            resp.content_type = "application/octet-stream"
+            if header is not None:
+                resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{offer.size}"
             try:
-                resp = web.StreamResponse(status=206 if header is not None else 200)
-                resp.content_length = stop - start
-                resp.content_type = "application/octet-stream"
-                if header is not None:
-                    resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{offer.size}"
                 await resp.prepare(request)
-                pos = start
-                while pos < stop:
-                    n = min(SEND_BLOCK, stop - pos)
-                    if self.limiter is not None:
-                        await self.limiter.take(n)
-                    data = os.pread(fd, n, pos)
-                    if not data:
-                        break  # the file shrank: the client sees a short body and retries elsewhere
-                    await resp.write(data)
-                    pos += len(data)
-                    self.bytes_sent += len(data)
+                with os.fdopen(fd, "rb", closefd=False) as fh:
+                    await _sendfile(request, resp, fh, start, stop - start)
+                self.bytes_sent += stop - start
                 await resp.write_eof()
                 return resp
             finally:
@@ -229,11 +233,22 @@ class PeerServer:
         return Offer(path, f["size"], pieces, piece)
 
     def _staging_state(self, key: str) -> dict[str, Any] | None:
+        """The staging `state.json` of `key`, parsed once per version (peers poll it often)."""
+        path = self.store.staging_dir(key) / STATE_FILE
         try:
-            data = json.loads((self.store.staging_dir(key) / STATE_FILE).read_text())
+            st = os.stat(path, follow_symlinks=False)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._states.get(key)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            data = json.loads(path.read_text())
         except (OSError, ValueError):
+            self._states.pop(key, None)
             return None
-        return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+        if not (isinstance(data, dict) and isinstance(data.get("files"), dict)):
+            return None
+        self._states[key] = (stamp, data)
+        return data
 
     async def _published(self, key: str) -> tuple[str | None, dict[str, Offer], dict[str, str]] | None:
         """(revision, offers, whole-file sha256s) of a complete model, or None."""
@@ -265,6 +280,10 @@ class PeerServer:
         cache_key = (key, name, st.st_mtime_ns, st.st_size)
         if cache_key in self._pieces:
             return self._pieces[cache_key]
+        staged = self._staged.pop((key, name), None)
+        if staged is not None and staged[0] == sha256 and st.st_size == size:
+            self._pieces[cache_key] = staged[1]
+            return staged[1]
         lock = self._locks.setdefault((key, name), asyncio.Lock())
         async with lock:
             if cache_key not in self._pieces:
@@ -275,6 +294,25 @@ class PeerServer:
                     )
                 self._pieces[cache_key] = pieces
         return self._pieces[cache_key]
+
+
+async def _sendfile(request: web.Request, resp: web.StreamResponse, fh: Any, offset: int, count: int) -> None:
+    """Zero-copy `sendfile` after the headers (as aiohttp's FileResponse does), else reads."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("connection lost")
+    try:
+        await asyncio.get_running_loop().sendfile(transport, fh, offset, count)
+        return
+    except NotImplementedError:
+        pass
+    pos, stop = offset, offset + count
+    while pos < stop:
+        data = os.pread(fh.fileno(), min(SEND_BLOCK, stop - pos), pos)
+        if not data:
+            raise ConnectionResetError("file shrank")  # the client sees a short body
+        await resp.write(data)
+        pos += len(data)
 
 
 def _readable(offer: Offer, start: int, stop: int) -> bool:

@@ -54,7 +54,7 @@ class PeerSettings:
     peers: tuple[Peer, ...]
     me: str | None = None
     poll: float = 0.3  # seconds between manifest polls while downloading
-    stall: float = 5.0  # an owner with no new piece for this long drops out of the swarm
+    stall: float = 10.0  # an owner with no new piece for this long drops out of the swarm
     max_wait: float = 120.0  # longest wait for an owner before going to the origin anyway
     avoid_dead: float = 5.0  # a peer that cannot be reached is skipped this long
     avoid_lying: float = 300.0  # a peer that served bytes that fail their sha256
@@ -164,11 +164,27 @@ class PeerSource(Source):
                 async for block in self._from_origin(f, pos, seg):
                     yield block
             else:
-                for i in range(0, len(data), 1 << 20):
-                    yield data[i : i + (1 << 20)]
+                yield data  # one block: the transfer writes it with one pwritev, no copies
             pos = seg
 
     # -- PeerHooks ---------------------------------------------------------------------------
+    def wants_overlap(self, f: RemoteFile, start: int) -> bool:
+        """Whether a read at `start` should re-read its neighbour's tail from the origin.
+
+        That cross-check catches an origin changing under us; a piece a peer will give us is
+        checked against its sha256 instead, and the extra origin request would cost a round trip
+        through the origin's (busy) uplink for every piece.
+        """
+        if self.distrusted or not self.peers or not f.size:
+            return True
+        piece = piece_size(f.size)
+        if start % piece:
+            return True  # a resumed, partial piece comes from the origin
+        index = start // piece
+        if any(index in self.views[a].pieces.get(f.path, {}) for a in self._live()):
+            return False
+        return self._owner(f, index) is None
+
     def piece_hash(self, f: RemoteFile, index: int) -> str | None:
         return self._verified.pop((f.path, index), None)
 
@@ -289,12 +305,10 @@ class PeerSource(Source):
                             address, self.settings.avoid_dead, f"answered HTTP {resp.status} for a piece"
                         )
                         return None
-                    data = await resp.content.read(b - a + 1)
-                    while len(data) < b - a:
-                        more = await resp.content.read(b - a + 1 - len(data))
-                        if not more:
-                            break
-                        data += more
+                    if resp.content_length != b - a:
+                        self._avoid(address, self.settings.avoid_dead, "announced a wrong length")
+                        return None
+                    data = await resp.read()  # bounded by the Content-Length just checked
                     if len(data) != b - a:
                         self._avoid(address, self.settings.avoid_dead, "sent a short or long piece")
                         return None
@@ -390,7 +404,6 @@ def _quote(path: str) -> str:
     return quote(path, safe="/")
 
 
-def swarm(key: str, pairs: Sequence[tuple[str, str]], me: str | None = None, **settings: float) -> Swarm:
+def swarm(key: str, pairs: Sequence[tuple[str, str]], me: str | None = None) -> Swarm:
     """A Swarm for model `key` from (address, token) pairs, this node's own address left out."""
-    peers = tuple(Peer(a, t) for a, t in pairs if a != me)
-    return Swarm(PeerSettings(peers, me=me, **settings), key)  # type: ignore[arg-type]
+    return Swarm(PeerSettings(tuple(Peer(a, t) for a, t in pairs if a != me), me=me), key)

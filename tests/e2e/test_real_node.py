@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from lightkube import ApiError, Client, codecs
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+from lightkube.models.meta_v1 import ObjectMeta, OwnerReference
 from lightkube.resources.apps_v1 import DaemonSet, Deployment
 from lightkube.resources.core_v1 import ConfigMap, Node, Pod, ServiceAccount
 
@@ -373,3 +374,24 @@ def test_5_one_real_node_per_machine(
     assert not (other / "dev" / "state.json").exists()
     usage = cli("dev", "up", "--image", "x.tar", "--home", str(other), timeout=60)
     assert usage.returncode == 2 and "need --real-node" in usage.stderr
+
+
+def test_6_garbage_collector_runs(playground: Playground) -> None:
+    """ownerReferences are honoured (the quick playground has no controller-manager to do it)."""
+    kube = playground.kube
+    owner = kube.create(ConfigMap(metadata=ObjectMeta(name="gc-owner", namespace="default")))
+    assert owner.metadata is not None and owner.metadata.uid
+    ref = OwnerReference(apiVersion="v1", kind="ConfigMap", name="gc-owner", uid=owner.metadata.uid)
+    kube.create(
+        ConfigMap(metadata=ObjectMeta(name="gc-dependent", namespace="default", ownerReferences=[ref]))
+    )
+    kube.delete(ConfigMap, "gc-owner", namespace="default")
+
+    def collected() -> bool:
+        try:
+            kube.get(ConfigMap, "gc-dependent", namespace="default")
+        except ApiError as exc:
+            return exc.status.code == 404
+        return False
+
+    wait_for("the dependent ConfigMap garbage-collected", collected)

@@ -47,3 +47,22 @@ def test_signatures_bind_token_request_and_time() -> None:
     assert not verify("t", value, "GET", "/v1/models/k/files/a", "bytes=0-99", now=1010)
     assert not verify("t", value, "GET", "/v1/models/k/files/a", "bytes=0-9", now=1000 + 3600)
     assert not verify("", value, "GET", "/v1/models/k/files/a", "bytes=0-9", now=1010)
+
+
+def test_agent_settings_publish_the_peer_port_and_token_reference() -> None:
+    from modelcache.cli.controller import parse_agent_settings
+    from modelcache.controller.manifests import apply_agent_settings
+
+    settings = parse_agent_settings('{"peer": {"port": 8477, "uploadRate": "128Mi"}}')
+    pod: dict[str, Any] = {"containers": [{"name": "agent", "args": [], "env": []}]}
+    apply_agent_settings(pod, settings)
+    c = pod["containers"][0]
+    assert c["ports"] == [{"name": "peer", "containerPort": 8477, "hostPort": 8477}]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MODELCACHE_PEER_PORT"]["value"] == "8477"
+    assert env["MODELCACHE_PEER_UPLOAD_RATE"]["value"] == "128Mi"
+    ref = env["MODELCACHE_PEER_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "modelcache-peer", "key": "token", "optional": True}
+    off: dict[str, Any] = {"containers": [{"name": "agent", "args": [], "env": []}]}
+    apply_agent_settings(off, parse_agent_settings('{"peer": {"port": 0}}'))
+    assert "ports" not in off["containers"][0] and off["containers"][0]["env"] == []

@@ -31,10 +31,6 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
 {{- with index $a $k }}{{ $_ := set $s $k . }}{{ end -}}
 {{- end -}}
 {{- with .Values.imagePullSecrets }}{{ $_ := set $s "imagePullSecrets" . }}{{ end -}}
-{{- with $a.peer }}{{ if gt (int .port) 0 -}}
-{{- $token := dict "name" "MODELCACHE_PEER_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" "modelcache-peer" "key" "token" "optional" true)) -}}
-{{- $peerEnv := list (dict "name" "MODELCACHE_PEER_PORT" "value" (toString .port)) (dict "name" "MODELCACHE_PEER_UPLOAD_RATE" "value" (toString .uploadRate)) $token -}}
-{{- $_ := set $s "env" (concat ($s.env | default list) $peerEnv) -}}
-{{- end }}{{ end -}}
+{{- with $a.peer }}{{ if gt (int .port) 0 }}{{ $_ := set $s "peer" (dict "port" (int .port) "uploadRate" (toString .uploadRate)) }}{{ end }}{{ end -}}
 {{- toJson $s -}}
 {{- end -}}

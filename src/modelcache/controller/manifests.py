@@ -212,9 +212,11 @@ AGENT_SETTING_KEYS = frozenset(
     {
         "image", "imagePullPolicy", "imagePullSecrets", "resources", "tolerations", "nodeSelector",
         "priorityClassName", "securityContext", "podSecurityContext", "serviceAccountName", "extraArgs",
-        "env", "podLabels", "podAnnotations",
+        "env", "podLabels", "podAnnotations", "peer",
     }
 )  # fmt: skip
+#: The Secret (key `token`) with the agents' shared peer token; see `apply_agent_settings`.
+PEER_SECRET = "modelcache-peer"
 
 
 def foreign_agent_image(image: str) -> bool:
@@ -264,6 +266,25 @@ def apply_agent_settings(pod_spec: dict[str, Any], settings: Mapping[str, Any]) 
             **pod_spec.get("securityContext", {}),
             **settings["podSecurityContext"],
         }
+    _peer_settings(container, settings.get("peer") or {})
+
+
+def _peer_settings(container: dict[str, Any], peer: Mapping[str, Any]) -> None:
+    """Node-to-node fill (`peer: {port, uploadRate, secret}`): the port as a hostPort, since peers
+    are reached at the node's InternalIP, and the token by reference (optional: no Secret, no peering)."""
+    port = int(peer.get("port") or 0)
+    if port <= 0:
+        return
+    published = {"name": "peer", "containerPort": port, "hostPort": port}
+    container["ports"] = [*container.get("ports", []), published]
+    ref = {"name": str(peer.get("secret") or PEER_SECRET), "key": "token", "optional": True}
+    env = [
+        {"name": "MODELCACHE_PEER_PORT", "value": str(port)},
+        {"name": "MODELCACHE_PEER_TOKEN", "valueFrom": {"secretKeyRef": ref}},
+    ]
+    if peer.get("uploadRate") is not None:
+        env.append({"name": "MODELCACHE_PEER_UPLOAD_RATE", "value": str(peer["uploadRate"])})
+    container["env"] = [*container["env"], *env]
 
 
 def agent_daemonset(

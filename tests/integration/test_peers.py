@@ -7,6 +7,7 @@ process with `TransferConfig(peers=...)`. Byte counts come from the origin's own
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -14,6 +15,7 @@ import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -167,5 +169,115 @@ def test_peer_server_wants_signatures_and_offers_only_good_files(tmp_path: Path,
                 finally:
                     await fresh.stop()
                 assert hashlib.sha256(data).hexdigest() != hashlib.sha256(victim.read_bytes()).hexdigest()
+
+        asyncio.run(scenario())
+
+
+def test_a_hostile_peer_costs_pieces_not_correctness(tmp_path: Path, origin_root: Path) -> None:
+    """A peer that lists every piece with made-up hashes, answers with wrong ranges, too long or
+    wrong bytes: each lie costs one piece (then the peer is avoided); the model is the origin's."""
+    from aiohttp import web
+
+    data = write_random(origin_root / "h.bin", 20 * MiB + 1)
+    with Origin(origin_root) as origin:
+        url = origin.url_for("/h.bin")
+        key = parse_uri(url).key
+        answers = iter(["range", "long", "bytes"] * 10)
+        revision: list[str | None] = []
+
+        async def manifest(request: web.Request) -> web.Response:
+            pieces = {str(i): hashlib.sha256(str(i).encode()).hexdigest() for i in range(6)}
+            etag = None
+            return web.json_response(
+                {
+                    "revision": revision[0],
+                    "files": {
+                        "h.bin": {"size": len(data), "etag": etag, "piece_size": 4 * MiB, "pieces": pieces}
+                    },
+                }
+            )
+
+        async def files(request: web.Request) -> web.Response:
+            kind = next(answers)
+            first, last = (int(x) for x in request.headers["Range"][6:].split("-"))
+            body = data[first : last + 1]
+            if kind == "range":
+                return web.Response(
+                    status=206, body=body, headers={"Content-Range": f"bytes 0-{len(body) - 1}/1"}
+                )
+            if kind == "long":
+                rng = f"bytes {first}-{last}/{len(data)}"
+                return web.Response(status=206, body=body + b"x", headers={"Content-Range": rng})
+            rng = f"bytes {first}-{last}/{len(data)}"
+            return web.Response(status=206, body=bytes(len(body)), headers={"Content-Range": rng})
+
+        async def scenario() -> None:
+            async with node(tmp_path / "a") as (a, addr_a):
+                source_rev = (await _resolve(url)).revision
+                revision.append(source_rev)
+                app = web.Application()
+                app.router.add_get(API + f"/{key}/manifest", manifest)
+                app.router.add_get(API + f"/{key}/files/{{path:.+}}", files)
+                runner = web.AppRunner(app)
+                await runner.setup()
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                port = runner.addresses[0][1]
+                try:
+                    await engine.pull(a, url, config=config([f"127.0.0.1:{port}"], addr_a, key))
+                finally:
+                    await runner.cleanup()
+                assert published(a, url, "h.bin") == data
+
+        asyncio.run(scenario())
+        assert origin.bytes_sent_for("/h.bin") < 2 * len(data)
+
+
+async def _resolve(url: str) -> Any:
+    from modelcache.sources import open_source
+
+    source = open_source(parse_uri(url))
+    try:
+        return await source.resolve()
+    finally:
+        await source.aclose()
+
+
+def test_a_downloading_node_offers_only_written_and_hashed_pieces(tmp_path: Path, origin_root: Path) -> None:
+    data = write_random(origin_root / "s.bin", 32 * MiB)
+    with Origin(origin_root, rate_limit=2 * MiB) as origin:
+        url = origin.url_for("/s.bin")
+        key = parse_uri(url).key
+
+        async def scenario() -> None:
+            async with node(tmp_path / "a") as (a, addr_a), aiohttp.ClientSession() as http:
+                cfg = TransferConfig(connections=2, piece_hashes=True, checkpoint_interval=0.1)
+                pulling = asyncio.create_task(engine.pull(a, url, config=cfg))
+                server = PeerServer(a, TOKEN, host="127.0.0.1", port=0)
+                doc = None
+                for _ in range(600):  # until the first piece is on disk and hashed (a condition, not a time)
+                    doc = await server.describe(key)
+                    if doc and doc["files"].get("s.bin", {}).get("pieces"):
+                        break
+                    await asyncio.sleep(0.05)
+                assert doc is not None and not doc["complete"]
+                listed = {int(i): h for i, h in doc["files"]["s.bin"]["pieces"].items()}
+                index, digest = next(iter(listed.items()))
+                assert hashlib.sha256(data[index * 4 * MiB : (index + 1) * 4 * MiB]).hexdigest() == digest
+                path = f"{API}/{key}/files/s.bin"
+                a0, b0 = index * 4 * MiB, (index + 1) * 4 * MiB - 1
+                rng = f"bytes={a0}-{b0}"
+                async with http.get(
+                    f"http://{addr_a}{path}", headers={"Range": rng, HEADER: sign(TOKEN, "GET", path, rng)}
+                ) as resp:
+                    assert resp.status == 206 and await resp.read() == data[a0 : b0 + 1]
+                last = f"bytes={len(data) - 10}-{len(data) - 1}"  # the tail: not fetched at 2 MiB/s yet
+                async with http.get(
+                    f"http://{addr_a}{path}", headers={"Range": last, HEADER: sign(TOKEN, "GET", path, last)}
+                ) as resp:
+                    assert resp.status == 404
+                pulling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pulling
 
         asyncio.run(scenario())

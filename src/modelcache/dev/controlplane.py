@@ -386,6 +386,30 @@ def _start_components(
 
 
 @contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises SystemExit while we start, so the failure path undoes what is half done.
+
+    Python's default is to die on the spot, which would leave a real node's host changes in place
+    (`dev down` still undoes them from the record). Main thread only (signals need it).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def _locked(layout: Layout) -> Iterator[None]:
     """One `up`/`down` at a time per home (local dev directory, so flock is fine here)."""
     layout.dir.mkdir(parents=True, exist_ok=True)
@@ -670,7 +694,7 @@ def up(
     layout = Layout((home or default_home()).expanduser().resolve())
     say: Progress = progress or (lambda _msg: None)
     dirs = list(default_manifest_dirs() if manifest_dirs is None else manifest_dirs)
-    with _locked(layout):
+    with _locked(layout), _sigterm_unwinds():
         existing = _read_state(layout)
         if existing is not None:
             current = _status_unlocked(layout, existing)

@@ -55,7 +55,7 @@ class PeerSettings:
     me: str | None = None
     poll: float = 0.3  # seconds between manifest polls while downloading
     stall: float = 10.0  # an owner with no new piece for this long drops out of the swarm
-    max_wait: float = 120.0  # longest wait for an owner before going to the origin anyway
+    max_wait: float = 20.0  # longest wait for an owner before the origin (below the transfer's stall window)
     avoid_dead: float = 5.0  # a peer that cannot be reached is skipped this long
     avoid_lying: float = 300.0  # a peer that served bytes that fail their sha256
     connect_timeout: float = 2.0

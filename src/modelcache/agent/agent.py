@@ -23,15 +23,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from lightkube import AsyncClient
 from lightkube.generic_resource import create_global_resource
-from lightkube.models.core_v1 import EventSource, ObjectReference
-from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Secret, ServiceAccount
+from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, ServiceAccount
 from lightkube.types import PatchType
 
 from modelcache.agent import credentials as cred
@@ -39,8 +36,10 @@ from modelcache.agent import plan as pl
 from modelcache.agent.metrics import Metrics, serve
 from modelcache.api.types import GROUP, VERSION, LocalModelInfo, LocalModelNodeSpec
 from modelcache.errors import ConflictError, ModelcacheError, NotFoundError
+from modelcache.kube import backoff
 from modelcache.kube.config import LocalModelConfig, parse_local_model_config
 from modelcache.kube.constants import CONFIGMAP_NAME
+from modelcache.kube.events import EventRecorder, ObjectRef
 from modelcache.quantity import parse_quantity
 from modelcache.store import Store
 from modelcache.store import adopt as ad
@@ -82,6 +81,7 @@ class Settings:
     metrics_port: int = 9090
     # Node-to-node fill (modelcache.peer): off without a token; the port is the same on every node.
     peer_port: int = 0
+    peer_host: str = "0.0.0.0"  # where the peer server listens (the node's IP on multi-homed hosts)
     peer_token: str = field(default="", repr=False)
     peer_upload_rate: int | None = 256 << 20
 
@@ -149,6 +149,7 @@ class Agent:
     def __init__(self, client: AsyncClient, settings: Settings, metrics: Metrics | None = None) -> None:
         self.client = client
         self.s = settings
+        self.events = EventRecorder(client, COMPONENT, host=settings.node_name)
         # SQLite connections belong to the thread that opened them: the engine uses `store` on the
         # event loop; everything else on disk goes through one worker thread with `disk`.
         self.store = Store(settings.root)
@@ -249,7 +250,11 @@ class Agent:
         from modelcache.peer.server import PeerServer
 
         server = PeerServer(
-            self.store, self.s.peer_token, port=self.s.peer_port, upload_rate=self.s.peer_upload_rate
+            self.store,
+            self.s.peer_token,
+            host=self.s.peer_host,
+            port=self.s.peer_port,
+            upload_rate=self.s.peer_upload_rate,
         )
         await server.start()
         log.info("serving peers on port %d", server.port)
@@ -339,7 +344,7 @@ class Agent:
             except Exception as exc:
                 failures += 1
                 log.warning("watch of LocalModelNode %s failed: %s; retrying", self.s.node_name, exc)
-                await asyncio.sleep(min(30.0, 0.5 * 2**failures))
+                await asyncio.sleep(backoff.delay(failures + 1))
 
     def _observe(self, obj: dict[str, Any] | None) -> None:
         before, self.lmn = self.lmn, obj
@@ -380,7 +385,7 @@ class Agent:
                 failures += 1
                 self._beat = time.monotonic()
                 log.warning("reconcile failed: %s; retrying", exc, exc_info=log.isEnabledFor(logging.DEBUG))
-                await asyncio.sleep(min(30.0, 0.5 * 2**failures))
+                await asyncio.sleep(backoff.delay(failures + 1))
                 self.kick()
 
     # -- observe -------------------------------------------------------------------------------
@@ -877,25 +882,8 @@ class Agent:
         """A Kubernetes Event on this node's LocalModelNode (best effort; messages are redacted)."""
         if self.lmn is None:
             return
-        meta = self.lmn.get("metadata") or {}
-        now = datetime.now(UTC)
-        event = Event(
-            metadata=ObjectMeta(name=f"{self.s.node_name}.{os.urandom(6).hex()}", namespace="default"),
-            involvedObject=ObjectReference(
-                apiVersion=f"{GROUP}/{VERSION}",
-                kind="LocalModelNode",
-                name=self.s.node_name,
-                uid=meta.get("uid"),
-            ),
-            reason=reason,
-            message=pl.scrub(message, self.secrets)[:1024],
-            type="Warning" if warn else "Normal",
-            source=EventSource(component=COMPONENT, host=self.s.node_name),
-            firstTimestamp=now,
-            lastTimestamp=now,
-            count=1,
+        uid = str((self.lmn.get("metadata") or {}).get("uid") or "")
+        ref = ObjectRef(f"{GROUP}/{VERSION}", "LocalModelNode", self.s.node_name, "", uid)
+        await self.events.record(
+            ref, "Warning" if warn else "Normal", reason, pl.scrub(message, self.secrets)
         )
-        try:
-            await self.client.create(event)
-        except Exception as exc:
-            log.debug("cannot record event %s: %s", reason, exc)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from modelcache.api.types import LocalModelInfo, LocalModelNodeSpec, ModelProgress, ModelStatus
 from modelcache.domain import needs_download_job, pvc_name, status_key
+from modelcache.kube import backoff
 from modelcache.quantity import format_bytes
 from modelcache.uri import storage_key
 
@@ -410,10 +411,9 @@ def status_patch(
 
 # -- retries -----------------------------------------------------------------------------------
 def retry_delay(attempts: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with equal jitter: never sooner than half the step, never beyond the cap."""
-    step = min(cap, base * 2.0 ** max(0, attempts - 1))
-    jitter: float = (rng or random.Random()).uniform(0, step / 2)
-    return step / 2 + jitter
+    """Exponential backoff with equal jitter: never sooner than half the step, never beyond the cap
+    (the one backoff, `kube.backoff.delay`)."""
+    return backoff.delay(attempts, base, cap, rng or random.Random())
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:

@@ -8,7 +8,6 @@ pass, which may run before the watch has echoed them back, does not send the sam
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -21,23 +20,28 @@ from lightkube import ApiError, AsyncClient, codecs
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.resources.apps_v1 import DaemonSet
 from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import Event as CoreEvent
 from lightkube.resources.core_v1 import Node, PersistentVolume, PersistentVolumeClaim
 from lightkube.types import CascadeType, PatchType
 
 from modelcache.api.types import API_VERSION, GROUP, VERSION
 from modelcache.kube.constants import MANAGED_BY, MANAGED_BY_LABEL
+from modelcache.kube.events import EventRecorder
 
-from .reconcile import (
+from .actions import (
+    Action,
+    ApplyDaemonSet,
+    Create,
+    CreateVolume,
+    Delete,
     Event,
     FinalizerPatch,
+    MergePatch,
     ObjectRef,
     Plan,
-    Volume,
-    adoption_patch,
-    foreign_agent_image,
-    volume_adoption,
+    Step,
+    Target,
 )
+from .manifests import adoption_patch, foreign_agent_image, volume_adoption
 
 log = logging.getLogger("modelcache.controller")
 
@@ -49,6 +53,27 @@ LocalModelNamespaceCacheRes = create_namespaced_resource(
 )
 LocalModelNodeGroupRes = create_global_resource(GROUP, VERSION, "LocalModelNodeGroup", "localmodelnodegroups")
 LocalModelNodeRes = create_global_resource(GROUP, VERSION, "LocalModelNode", "localmodelnodes")
+
+
+#: Kind -> lightkube resource, for the kinds the controller writes.
+_RESOURCES: dict[str, Any] = {
+    "LocalModelCache": LocalModelCacheRes,
+    "LocalModelNamespaceCache": LocalModelNamespaceCacheRes,
+    "LocalModelNodeGroup": LocalModelNodeGroupRes,
+    "LocalModelNode": LocalModelNodeRes,
+    "Node": Node,
+    "DaemonSet": DaemonSet,
+    "PersistentVolume": PersistentVolume,
+    "PersistentVolumeClaim": PersistentVolumeClaim,
+    "Job": Job,
+}
+#: Generic (CRD) resources are built from a dict by calling them; core kinds through codecs.
+_GENERIC = (LocalModelCacheRes, LocalModelNamespaceCacheRes, LocalModelNodeGroupRes, LocalModelNodeRes)
+
+
+def _resource(target: Target) -> Any:
+    res = _RESOURCES[target.kind]
+    return res.Status if target.subresource == "status" else res
 
 
 def _fingerprint(value: Any) -> str:
@@ -95,96 +120,59 @@ class Writer:
         self.namespace = namespace  # where the agent DaemonSets live
         self.recent = Recent()
         self._sem = asyncio.Semaphore(concurrency)
-        self._event_sem = asyncio.Semaphore(4)  # separate: jobs post events while holding _sem
-        self._events: dict[tuple[str, ...], float] = {}
-        self._event_memory = event_memory
+        # its own concurrency: jobs post events while holding _sem
+        self.events = EventRecorder(client, COMPONENT, memory=event_memory)
 
     async def apply(self, plan: Plan) -> Outcome:
+        """Run the plan's actions in one loop (finalizer patches first: they carry a
+        resourceVersion that any other write to the same cache would bump)."""
         outcome = Outcome()
-        jobs: list[tuple[tuple[str, ...], Any, Callable[[], Awaitable[None]]]] = []
+        steps = plan.actions(self.namespace)
 
-        # Finalizer patches carry the resourceVersion they were computed from, so they go first:
-        # a status patch to the same cache would otherwise bump it and make them conflict.
-        first = [
-            (("finalizers", *fp.cache), fp.finalizers, self._finalizers_job(fp)) for fp in plan.finalizers
-        ]
-        for body in plan.lmn_creates:
-            jobs.append(
-                (("lmn", body["metadata"]["name"]), body["spec"], self._create_job(LocalModelNodeRes, body))
-            )
-        for name, entries in plan.lmn_updates.items():
-            patch = {"spec": {"localModels": entries}}
-            jobs.append(
-                (("lmn", name), {"localModels": entries}, self._patch_job(LocalModelNodeRes, name, patch))
-            )
-        for name in plan.lmn_deletes:
-            jobs.append((("lmn-delete", name), None, self._delete_job(LocalModelNodeRes, name)))
-        for (namespace, name), status in plan.cache_status:
-            res: Any = LocalModelNamespaceCacheRes if namespace else LocalModelCacheRes
-            jobs.append(
-                (
-                    ("cache-status", namespace, name),
-                    status,
-                    self._patch_job(res.Status, name, {"status": status}, namespace or None),
-                )
-            )
-        for name, status in plan.group_status:
-            jobs.append(
-                (
-                    ("group-status", name),
-                    status,
-                    self._patch_job(LocalModelNodeGroupRes.Status, name, {"status": status}),
-                )
-            )
-        for cache_ref, body in plan.volume_creates:
-            meta = body["metadata"]
-            key = ("volume", body["kind"], meta.get("namespace", ""), meta["name"])
-            jobs.append((key, None, self._volume_job(cache_ref, body)))
-        for volume in plan.volume_deletes:
-            jobs.append((("volume-delete", *volume.key), None, self._delete_volume_job(volume)))
-        for body in plan.daemonset_applies:
-            meta = body["metadata"]
-            jobs.append((("daemonset", meta["name"]), body["spec"], self._daemonset_job(body)))
-        for name in plan.daemonset_deletes:
-            jobs.append((("daemonset-delete", name), None, self._delete_job(DaemonSet, name, self.namespace)))
-        for body in plan.job_creates:
-            meta = body["metadata"]
-            jobs.append((("job", meta["namespace"], meta["name"]), None, self._create_job(Job, body)))
-        for namespace, name in plan.job_deletes:
-            jobs.append((("job-delete", namespace, name), None, self._delete_job(Job, name, namespace)))
-        for node, states in plan.lmn_status.items():
-            status_patch = {"status": {"modelStatus": states}}
-            jobs.append(
-                (("lmn-status", node), states, self._patch_job(LocalModelNodeRes.Status, node, status_patch))
-            )
-        for node, labels in plan.node_labels.items():
-            label_patch: dict[str, Any] = {"metadata": {"labels": labels}}
-            jobs.append((("node-labels", node), labels, self._patch_job(Node, node, label_patch)))
-
-        async def run(key: tuple[str, ...], value: Any, job: Callable[[], Awaitable[None]]) -> None:
-            if self.recent.fresh(key, value):
+        async def run(step: Step) -> None:
+            if self.recent.fresh(step.key, step.value):
                 outcome.skipped += 1
                 return
             async with self._sem:
                 try:
-                    await job()
+                    await self.execute(step.action)
                 except ApiError as exc:
-                    outcome.failed.append(f"{'/'.join(key)}: {exc.status.code} {exc.status.message}")
+                    outcome.failed.append(f"{'/'.join(step.key)}: {exc.status.code} {exc.status.message}")
                     return
                 except Exception as exc:  # network: retried on the next pass
-                    outcome.failed.append(f"{'/'.join(key)}: {type(exc).__name__}: {exc}")
+                    outcome.failed.append(f"{'/'.join(step.key)}: {type(exc).__name__}: {exc}")
                     return
             outcome.writes += 1
-            self.recent.record(key, value)
+            self.recent.record(step.key, step.value)
 
-        await asyncio.gather(*(run(k, v, j) for k, v, j in first))
-        await asyncio.gather(*(run(k, v, j) for k, v, j in jobs))
+        for phase in sorted({step.phase for step in steps}):
+            await asyncio.gather(*(run(step) for step in steps if step.phase == phase))
         await self.post_events(plan.events)
         for failure in outcome.failed[:5]:
             log.warning("write failed (will retry): %s", failure)
         if len(outcome.failed) > 5:
             log.warning("... and %d more failed writes", len(outcome.failed) - 5)
         return outcome
+
+    # -- actions ---------------------------------------------------------------------------------------
+
+    async def execute(self, action: Action) -> None:
+        """One typed action against the API server; idempotent (see each action's rule)."""
+        match action:
+            case Create(body=body):
+                await self._create_job(_RESOURCES[body["kind"]], body)()
+            case MergePatch(target=target, patch=patch):
+                res = _resource(target)
+                await self._patch_job(res, target.name, patch, target.namespace or None)()
+            case Delete(target=target, background=background):
+                cascade = CascadeType.BACKGROUND if background else None
+                await self._delete_job(_resource(target), target.name, target.namespace or None, cascade)()
+            case CreateVolume(cache=cache, body=body):
+                await self._volume_job(cache, body)()
+            case ApplyDaemonSet(body=body):
+                await self._daemonset_job(body)()
+            case FinalizerPatch():
+                await self._finalizers_job(action)()
 
     # -- jobs ------------------------------------------------------------------------------------------
 
@@ -212,7 +200,7 @@ class Writer:
     def _create_job(self, res: Any, body: dict[str, Any]) -> Callable[[], Awaitable[None]]:
         async def job() -> None:
             try:
-                await self.client.create(codecs.from_dict(body) if res is Job else res(body))
+                await self.client.create(res(body) if res in _GENERIC else codecs.from_dict(body))
             except ApiError as exc:
                 if exc.status.code != 409:
                     raise
@@ -261,10 +249,9 @@ class Writer:
             [Event(cache, "Normal", "VolumeAdopted", f"{what} (created by KServe) adopted")]
         )
 
-    def _delete_job(self, res: Any, name: str, namespace: str | None = None) -> Callable[[], Awaitable[None]]:
-        # Background: a Job's pods go with it (the API's default for Jobs orphans them).
-        cascade = CascadeType.BACKGROUND if res is Job else None
-
+    def _delete_job(
+        self, res: Any, name: str, namespace: str | None = None, cascade: CascadeType | None = None
+    ) -> Callable[[], Awaitable[None]]:
         async def job() -> None:
             try:
                 await self.client.delete(res, name, namespace=namespace, cascade=cascade)
@@ -273,11 +260,6 @@ class Writer:
                     raise
 
         return job
-
-    def _delete_volume_job(self, volume: Volume) -> Callable[[], Awaitable[None]]:
-        if volume.kind == "PersistentVolume":
-            return self._delete_job(PersistentVolume, volume.name)
-        return self._delete_job(PersistentVolumeClaim, volume.name, volume.namespace)
 
     def _daemonset_job(self, body: dict[str, Any]) -> Callable[[], Awaitable[None]]:
         meta = body["metadata"]
@@ -328,51 +310,4 @@ class Writer:
 
     async def post_events(self, events: list[Event]) -> None:
         """Kubernetes events, each (object, reason, message) at most once per `event_memory` seconds."""
-        now = time.monotonic()
-        if len(self._events) > 10_000:
-            self._events = {k: t for k, t in self._events.items() if now - t < self._event_memory}
-        fresh = []
-        for ev in events:
-            key = (ev.ref.kind, ev.ref.namespace, ev.ref.name, ev.reason, ev.message)
-            seen = self._events.get(key)
-            if seen is not None and now - seen < self._event_memory:
-                continue
-            self._events[key] = now
-            fresh.append(ev)
-
-        async def post(ev: Event) -> None:
-            async with self._event_sem:
-                try:
-                    await self.client.create(_core_event(ev))
-                except Exception as exc:  # events are best effort
-                    log.debug("event not posted: %s", exc)
-
-        await asyncio.gather(*(post(ev) for ev in fresh))
-
-
-def _core_event(ev: Event) -> CoreEvent:
-    stamp = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    namespace = ev.ref.namespace or "default"  # where kubectl describe looks for cluster-scoped objects
-    body = {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"generateName": f"{ev.ref.name[:200]}.", "namespace": namespace},
-        "involvedObject": {
-            "apiVersion": ev.ref.api_version,
-            "kind": ev.ref.kind,
-            "name": ev.ref.name,
-            "namespace": ev.ref.namespace or None,
-            "uid": ev.ref.uid or None,
-        },
-        "reason": ev.reason,
-        "message": ev.message[:1024],
-        "type": ev.type,
-        "source": {"component": COMPONENT},
-        "reportingComponent": COMPONENT,
-        "firstTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "lastTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "count": 1,
-    }
-    event = codecs.from_dict(body)
-    assert isinstance(event, CoreEvent)
-    return event
+        await self.events.record_all((ev.ref, ev.type, ev.reason, ev.message) for ev in events)

@@ -31,6 +31,7 @@ from lightkube.resources.core_v1 import ConfigMap, PersistentVolume, PersistentV
 
 from modelcache.api.types import GROUP
 from modelcache.errors import ModelcacheError, UsageError
+from modelcache.kube.backoff import Backoff
 from modelcache.kube.config import LocalModelConfig, parse_local_model_config
 from modelcache.kube.constants import CONFIGMAP_NAME, MANAGED_BY, MANAGED_BY_LABEL, MODEL_POD_LABEL
 from modelcache.kube.metrics import ReconcileMetrics
@@ -129,6 +130,7 @@ class Controller:
 
     async def watch_config(self) -> None:
         """Follow `inferenceservice-config` in our namespace; absent means KServe's defaults."""
+        backoff = Backoff(base=2.0, cap=30.0)
         while True:
             try:
                 try:
@@ -140,6 +142,7 @@ class Controller:
                         raise
                     self._set_config(None)
                     version = None
+                backoff.reset()  # the server answered
                 async for op, obj in self.client.watch(
                     ConfigMap,
                     namespace=self.opts.namespace,
@@ -151,7 +154,7 @@ class Controller:
                 raise
             except Exception as exc:
                 log.warning("watching %s/%s: %s; retrying", self.opts.namespace, CONFIGMAP_NAME, exc)
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(backoff.next())
 
     # -- observe ---------------------------------------------------------------------------------------
 
@@ -197,6 +200,7 @@ class Controller:
         pods created before the webhook labelled them. While some remain, re-list their namespaces
         every resync period; once none do, never again (the label-selected watch sees the rest)."""
         await self.config_loaded.wait()
+        backoff = Backoff(base=2.0, cap=60.0)
         namespaces = ["*"]
         while True:
             try:
@@ -205,8 +209,9 @@ class Controller:
                 raise
             except Exception as exc:
                 log.warning("listing pods without %s failed: %s; retrying", MODEL_POD_LABEL, exc)
-                await asyncio.sleep(5.0)
+                await asyncio.sleep(backoff.next())
                 continue
+            backoff.reset()
             changed = found != self.unlabelled_pods
             self.unlabelled_pods = found
             if changed or not self.pods_swept.is_set():
@@ -296,7 +301,7 @@ class Controller:
 
     async def reconcile_forever(self) -> None:
         await self.config_loaded.wait()
-        backoff = 0.5
+        backoff = Backoff(base=0.5, cap=30.0)
         retry_at: float | None = None
         while True:
             timeout = float(self.config.resync_seconds)
@@ -329,8 +334,7 @@ class Controller:
             except Exception:
                 log.exception("reconcile pass failed; retrying")
                 self.metrics.finished("error")
-                retry_at = time.monotonic() + backoff
-                backoff = min(backoff * 2, 30.0)
+                retry_at = time.monotonic() + backoff.next()
                 continue
             self.passes += 1
             self.converged = len(plan) == 0
@@ -345,16 +349,15 @@ class Controller:
                 )
             if outcome.failed:
                 self.metrics.finished("error")
-                retry_at = time.monotonic() + backoff
-                backoff = min(backoff * 2, 30.0)
+                retry_at = time.monotonic() + backoff.next()
             elif outcome.skipped:
                 self.metrics.finished("requeue_after")
                 retry_at = time.monotonic() + self.writer.recent.window  # recheck once the echo is due
-                backoff = 0.5
+                backoff.reset()
             else:
                 self.metrics.finished("success")
                 retry_at = None
-                backoff = 0.5
+                backoff.reset()
 
 
 def _login_handler(registry: kopf.OperatorRegistry) -> None:

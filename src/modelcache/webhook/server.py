@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import re
-import secrets
 import signal
 import ssl
 import tempfile
@@ -40,6 +39,7 @@ from modelcache.kube.constants import (
     READY_NODE_LABEL_VALUE,
     ready_label,
 )
+from modelcache.kube.events import EventRecorder, ObjectRef
 from modelcache.kube.metrics import WebhookMetrics
 from modelcache.uri import redact, storage_key
 from modelcache.webhook import admission, registration, tls
@@ -96,6 +96,7 @@ class StateReader:
         self.client = client
         self.kserve_namespace = kserve_namespace
         self.res = _resources()
+        self.events = EventRecorder(client, COMPONENT)
 
     async def _list(self, res: Any, **kwargs: Any) -> list[Obj]:
         """Plain dicts; a kind whose CRD is not installed (404) lists as empty. `res` may be a
@@ -155,24 +156,15 @@ class StateReader:
         return cluster
 
     async def record(self, note: EventNote) -> None:
-        from lightkube.models.core_v1 import EventSource, ObjectReference
-        from lightkube.models.meta_v1 import ObjectMeta
-        from lightkube.resources.core_v1 import Event
-
-        now = tls.now_utc()
-        name = (note.involved.get("name") or "pod").rstrip("-.")
-        event = Event(
-            metadata=ObjectMeta(name=f"{name}.{secrets.token_hex(8)}", namespace=note.namespace),
-            involvedObject=ObjectReference(**{k: v for k, v in note.involved.items() if v}),
-            reason=note.reason,
-            message=note.message,
-            type=note.type,
-            source=EventSource(component=COMPONENT),
-            firstTimestamp=now,
-            lastTimestamp=now,
-            count=1,
+        inv = note.involved
+        ref = ObjectRef(
+            inv.get("apiVersion", ""),
+            inv.get("kind", ""),
+            inv.get("name", ""),
+            note.namespace,
+            inv.get("uid", ""),
         )
-        await self.client.create(event)
+        await self.events.record(ref, note.type, note.reason, note.message)
 
 
 # -- HTTP -----------------------------------------------------------------------------------------

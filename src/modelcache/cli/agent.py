@@ -74,6 +74,9 @@ def main(
             help="Serve and fetch models node to node (0: off).",
         ),
     ] = 0,
+    peer_host: Annotated[
+        str, typer.Option(envvar="MODELCACHE_PEER_HOST", help="Address the peer server listens on.")
+    ] = "0.0.0.0",
     peer_token_file: Annotated[
         Path | None,
         typer.Option(
@@ -128,6 +131,7 @@ def main(
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         peer_port=peer_port,
+        peer_host=peer_host,
         peer_token=_peer_token(peer_token_file),
         peer_upload_rate=parse_quantity(peer_upload_rate) or None,
     )

@@ -80,3 +80,15 @@ def test_no_settings_changes_nothing() -> None:
 def test_bad_settings_are_usage_errors(text: str) -> None:
     with pytest.raises(UsageError):
         parse_agent_settings(text)
+
+
+def test_cache_dir_is_handed_to_the_agent_user() -> None:
+    """The kubelet makes a missing hostPath root-owned: a CAP_CHOWN-only init container fixes that."""
+    (init,) = _pod(None)["spec"]["initContainers"]
+    assert init["command"] == ["chown", "65532:1000", "/models"]  # KServe fsGroup
+    assert init["image"] == "img:1"
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert init["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
+    with_group = _pod({"podSecurityContext": {"fsGroup": 1000}, "securityContext": {"runAsUser": 7}})
+    assert with_group["spec"]["initContainers"][0]["command"] == ["chown", "7:1000", "/models"]
+    assert "initContainers" not in _pod({"prepareCacheDir": False})["spec"]

@@ -212,7 +212,7 @@ AGENT_SETTING_KEYS = frozenset(
     {
         "image", "imagePullPolicy", "imagePullSecrets", "resources", "tolerations", "nodeSelector",
         "priorityClassName", "securityContext", "podSecurityContext", "serviceAccountName", "extraArgs",
-        "env", "podLabels", "podAnnotations", "peer",
+        "env", "podLabels", "podAnnotations", "peer", "prepareCacheDir",
     }
 )  # fmt: skip
 #: The Secret (key `token`) with the agents' shared peer token; see `apply_agent_settings`.
@@ -287,6 +287,40 @@ def _peer_settings(container: dict[str, Any], peer: Mapping[str, Any]) -> None:
     container["env"] = [*container["env"], *env]
 
 
+#: The image's own user (see the Dockerfile): the agent runs as this unless the settings say otherwise.
+AGENT_UID = 65532
+
+
+def _prepare_cache_dir(pod_spec: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """An init container that hands the node's cache directory to the agent's user.
+
+    The kubelet creates a missing hostPath (`DirectoryOrCreate`) as root 0755, where the non-root
+    agent cannot write: found on a real node. Only the top directory is chowned (never -R: TBs of
+    models, and folders another agent left are only read); CAP_CHOWN is all it keeps.
+    `prepareCacheDir: false` turns it off where root init containers are not admitted (then the
+    directory must exist, owned by the agent's user).
+    """
+    agent = pod_spec["containers"][0]
+    pod_sc = pod_spec.get("securityContext") or {}
+    uid = (agent.get("securityContext") or {}).get("runAsUser") or pod_sc.get("runAsUser") or AGENT_UID
+    gid = pod_sc.get("fsGroup") or pod_sc.get("runAsGroup") or uid
+    return {
+        "name": "prepare-cache-dir",
+        "image": agent["image"],
+        **({"imagePullPolicy": agent["imagePullPolicy"]} if agent.get("imagePullPolicy") else {}),
+        "command": ["chown", f"{int(uid)}:{int(gid)}", path],
+        "volumeMounts": [{"name": "models", "mountPath": path}],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        },
+    }
+
+
 def agent_daemonset(
     group: NodeGroup,
     namespace: str,
@@ -342,6 +376,8 @@ def agent_daemonset(
         pod_spec["securityContext"] = {"fsGroup": config.fsGroup}
     if settings:
         apply_agent_settings(pod_spec, settings)
+    if (settings or {}).get("prepareCacheDir", True):
+        pod_spec["initContainers"] = [_prepare_cache_dir(pod_spec, path)]
     spec = {
         "selector": {"matchLabels": selector},
         "template": {

@@ -281,3 +281,43 @@ def test_a_downloading_node_offers_only_written_and_hashed_pieces(tmp_path: Path
                     await pulling
 
         asyncio.run(scenario())
+
+
+def test_a_node_that_started_alone_learns_of_a_latecomer(tmp_path: Path, origin_root: Path) -> None:
+    """A starts with no peers; B starts later with A as its peer. A's discovery (asked again while it
+    downloads) brings B in, so the two split the origin's work and A takes pieces from B."""
+    from modelcache.peer import Peer
+    from modelcache.peer.source import PeerSettings, Swarm
+
+    data = write_random(origin_root / "late.bin", 32 * MiB)
+    with Origin(origin_root, rate_limit=2 * MiB) as origin:
+        url = origin.url_for("/late.bin")
+        key = parse_uri(url).key
+
+        async def scenario() -> None:
+            async with node(tmp_path / "a") as (a, addr_a), node(tmp_path / "b") as (b, addr_b):
+                known: list[tuple[str, str]] = []
+
+                async def discover() -> list[tuple[str, str]]:
+                    return list(known)
+
+                swarm_a = Swarm(PeerSettings((), me=addr_a, poll=0.1, rediscover=0.2), key, discover)
+                cfg_a = TransferConfig(
+                    connections=2, retries=3, retry_base=0.05, checkpoint_interval=0.2, peers=swarm_a
+                )
+                pulling = asyncio.create_task(engine.pull(a, url, config=cfg_a))
+                server = PeerServer(a, TOKEN, host="127.0.0.1", port=0)
+                for _ in range(600):  # until A has a piece on disk (a condition, not a time)
+                    doc = await server.describe(key)
+                    if doc and doc["files"].get("late.bin", {}).get("pieces"):
+                        break
+                    await asyncio.sleep(0.05)
+                known.append((addr_b, TOKEN))
+                settings_b = PeerSettings((Peer(addr_a, TOKEN),), me=addr_b, poll=0.1)
+                cfg_b = TransferConfig(connections=2, retries=3, retry_base=0.05, checkpoint_interval=0.2)
+                cfg_b.peers = Swarm(settings_b, key)
+                await asyncio.gather(pulling, engine.pull(b, url, config=cfg_b))
+                assert published(a, url, "late.bin") == data and published(b, url, "late.bin") == data
+                assert swarm_a.peer_bytes > 0  # A took pieces B fetched: B had joined A's swarm
+
+        asyncio.run(scenario())

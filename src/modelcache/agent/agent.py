@@ -262,37 +262,47 @@ class Agent:
 
     async def _peers(self, key: str, info: LocalModelInfo) -> TransferConfig:
         """The transfer config for one download: with the nodes that hold or fetch this model as
-        peers (from LocalModelNode statuses and Node InternalIPs), or as is when peering is off."""
+        peers (from LocalModelNode statuses and Node InternalIPs, looked up again every few seconds
+        while it runs), or as is when peering is off."""
         if not (self.s.peer_port and self.s.peer_token):
             return self.transfer_config
         import dataclasses
 
-        from lightkube.resources.core_v1 import Node
-
-        from modelcache.peer import discovery
         from modelcache.peer.source import swarm
 
         try:
-            statuses = [_plain(o) async for o in self.client.list(LocalModelNodeRes)]
-            names = set(discovery.peer_nodes(info.modelName, statuses, self.s.node_name))
-            ips: dict[str, str] = {}
-            async for node in self.client.list(Node):
-                name = node.metadata.name if node.metadata else None
-                if name in names or name == self.s.node_name:
-                    ip = discovery.internal_ip(node.to_dict())
-                    if ip:
-                        ips[str(name)] = ip
+            pairs, me = await self._peer_pairs(info)
         except Exception as exc:  # no peers is always safe: the origin is the fallback
             log.warning("%s: cannot list peers (%s); fetching from the origin only", key, type(exc).__name__)
             return self.transfer_config
-        me = ips.get(self.s.node_name)
-        pairs = [
-            (discovery.address(ips[n], self.s.peer_port), self.s.peer_token) for n in sorted(names & set(ips))
-        ]
-        mine = discovery.address(me, self.s.peer_port) if me else None
         if pairs:
             log.info("%s: %d peer(s) hold or fetch it", key, len(pairs))
-        return dataclasses.replace(self.transfer_config, peers=swarm(key, pairs, mine), piece_hashes=True)
+
+        async def discover() -> list[tuple[str, str]]:
+            return (await self._peer_pairs(info))[0]
+
+        peers = swarm(key, pairs, me, discover)
+        return dataclasses.replace(self.transfer_config, peers=peers, piece_hashes=True)
+
+    async def _peer_pairs(self, info: LocalModelInfo) -> tuple[list[tuple[str, str]], str | None]:
+        """(address, token) of every other node reporting this model Downloaded/Downloading, and ours."""
+        from lightkube.resources.core_v1 import Node
+
+        from modelcache.peer import discovery
+
+        statuses = [_plain(o) async for o in self.client.list(LocalModelNodeRes)]
+        names = set(discovery.peer_nodes(info.modelName, statuses, self.s.node_name))
+        ips: dict[str, str] = {}
+        async for node in self.client.list(Node):
+            name = node.metadata.name if node.metadata else None
+            if name in names or name == self.s.node_name:
+                ip = discovery.internal_ip(node.to_dict())
+                if ip:
+                    ips[str(name)] = ip
+        port, token = self.s.peer_port, self.s.peer_token
+        pairs = [(discovery.address(ips[n], port), token) for n in sorted(names & set(ips))]
+        me = ips.get(self.s.node_name)
+        return pairs, discovery.address(me, port) if me else None
 
     def _startup(self) -> None:
         """Adopt what is on disk: repair after any crash; complete models count as downloaded."""

@@ -29,7 +29,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,7 @@ class PeerSettings:
     avoid_lying: float = 300.0  # a peer that served bytes that fail their sha256
     connect_timeout: float = 2.0
     min_rate: int = 1 << 20  # bytes/s a peer must sustain for one piece, else it is "slow"
+    rediscover: float = 5.0  # seconds between asking the caller for nodes that joined since
 
 
 @dataclass
@@ -74,13 +75,17 @@ class _View:
     inflight: int = 0
 
 
+Discover = Callable[[], Awaitable[Sequence[tuple[str, str]]]]
+
+
 class Swarm:
     """Peers for one pull of model `key` (`TransferConfig.peers`): the caller's plain data, plus
     what this pull learns that must outlive one transfer attempt (distrust, byte counts)."""
 
-    def __init__(self, settings: PeerSettings, key: str) -> None:
+    def __init__(self, settings: PeerSettings, key: str, discover: Discover | None = None) -> None:
         self.settings = settings
         self.key = key
+        self.discover = discover  # the caller's fresh list of (address, token), e.g. from the cluster
         self.distrusted = False
         self.peer_bytes = 0
         self.origin_bytes = 0
@@ -116,9 +121,12 @@ class PeerSource(Source):
         self.snapshot = await self.origin.resolve()
         return self.snapshot
 
+    def _alone(self) -> bool:
+        return not self.peers and self.swarm.discover is None
+
     async def _started(self) -> None:
         """Start watching peers; every reader waits for the first look at their manifests."""
-        if not self.peers:
+        if self._alone():
             return
         if self._tracker is None:
             self._tracker = asyncio.create_task(self._track())
@@ -145,7 +153,7 @@ class PeerSource(Source):
             self._session = None
 
     async def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
-        if self.distrusted or not self.peers or f.size is None or not self.origin.supports_ranges(f):
+        if self.distrusted or self._alone() or f.size is None or not self.origin.supports_ranges(f):
             async for block in self._from_origin(f, start, end):
                 yield block
             return
@@ -333,10 +341,32 @@ class PeerSource(Source):
         return self._session
 
     async def _track(self) -> None:
+        last_discovery = time.monotonic()
         while True:
             await self._poll_all()
             self._ready.set()
             await asyncio.sleep(self.settings.poll)
+            if (
+                self.swarm.discover is not None
+                and time.monotonic() - last_discovery >= self.settings.rediscover
+            ):
+                last_discovery = time.monotonic()
+                await self._rediscover()
+
+    async def _rediscover(self) -> None:
+        """Add nodes that started on this model after us, so they share the origin's work."""
+        assert self.swarm.discover is not None
+        try:
+            async with asyncio.timeout(10):
+                pairs = await self.swarm.discover()
+        except Exception as exc:  # the caller's cluster lookup failing costs only newcomers
+            log.info("%s: peer discovery failed (%s)", self.key, type(exc).__name__)
+            return
+        for address, token in pairs:
+            if address != self.settings.me and address not in self.peers:
+                self.peers[address] = Peer(address, token)
+                self.views[address] = _View()
+                log.info("%s: new peer %s", self.key, address)
 
     async def _poll_all(self) -> None:
         now = time.monotonic()
@@ -404,6 +434,9 @@ def _quote(path: str) -> str:
     return quote(path, safe="/")
 
 
-def swarm(key: str, pairs: Sequence[tuple[str, str]], me: str | None = None) -> Swarm:
-    """A Swarm for model `key` from (address, token) pairs, this node's own address left out."""
-    return Swarm(PeerSettings(tuple(Peer(a, t) for a, t in pairs if a != me), me=me), key)
+def swarm(
+    key: str, pairs: Sequence[tuple[str, str]], me: str | None = None, discover: Discover | None = None
+) -> Swarm:
+    """A Swarm for model `key` from (address, token) pairs, this node's own address left out;
+    `discover` (optional) is asked every few seconds for nodes that joined since."""
+    return Swarm(PeerSettings(tuple(Peer(a, t) for a, t in pairs if a != me), me=me), key, discover)

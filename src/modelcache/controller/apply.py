@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,73 +159,68 @@ class Writer:
         """One typed action against the API server; idempotent (see each action's rule)."""
         match action:
             case Create(body=body):
-                await self._create_job(_RESOURCES[body["kind"]], body)()
+                await self._create(_RESOURCES[body["kind"]], body)
             case MergePatch(target=target, patch=patch):
-                res = _resource(target)
-                await self._patch_job(res, target.name, patch, target.namespace or None)()
+                await self._patch(_resource(target), target.name, patch, target.namespace or None)
             case Delete(target=target, background=background):
                 cascade = CascadeType.BACKGROUND if background else None
-                await self._delete_job(_resource(target), target.name, target.namespace or None, cascade)()
+                await self._delete(_resource(target), target.name, target.namespace or None, cascade)
             case CreateVolume(cache=cache, body=body):
-                await self._volume_job(cache, body)()
+                await self._create_volume(cache, body)
             case ApplyDaemonSet(body=body):
-                await self._daemonset_job(body)()
+                await self._apply_daemonset(body)
             case FinalizerPatch():
-                await self._finalizers_job(action)()
+                await self._patch_finalizers(action)
 
-    # -- jobs ------------------------------------------------------------------------------------------
-
-    def _finalizers_job(self, fp: FinalizerPatch) -> Callable[[], Awaitable[None]]:
+    async def _patch_finalizers(self, fp: FinalizerPatch) -> None:
         namespace, name = fp.cache
         res: Any = LocalModelNamespaceCacheRes if namespace else LocalModelCacheRes
         # resourceVersion makes it conditional: never drop a finalizer someone added meanwhile.
         patch = {
             "metadata": {"finalizers": list(fp.finalizers) or None, "resourceVersion": fp.resource_version}
         }
-        return self._patch_job(res, name, patch, namespace or None)
+        await self._patch(res, name, patch, namespace or None)
 
-    def _patch_job(
-        self, res: Any, name: str, patch: dict[str, Any], namespace: str | None = None
-    ) -> Callable[[], Awaitable[None]]:
-        async def job() -> None:
-            try:
-                await self.client.patch(res, name, patch, namespace=namespace, patch_type=PatchType.MERGE)
-            except ApiError as exc:
-                if exc.status.code != 404:
-                    raise
+    async def _patch(self, res: Any, name: str, patch: dict[str, Any], namespace: str | None = None) -> None:
+        """Merge patch; a missing object is fine."""
+        try:
+            await self.client.patch(res, name, patch, namespace=namespace, patch_type=PatchType.MERGE)
+        except ApiError as exc:
+            if exc.status.code != 404:
+                raise
 
-        return job
+    async def _create(self, res: Any, body: dict[str, Any]) -> None:
+        """Create; one of that name existing already is fine."""
+        try:
+            await self.client.create(res(body) if res in _GENERIC else codecs.from_dict(body))
+        except ApiError as exc:
+            if exc.status.code != 409:
+                raise
 
-    def _create_job(self, res: Any, body: dict[str, Any]) -> Callable[[], Awaitable[None]]:
-        async def job() -> None:
-            try:
-                await self.client.create(res(body) if res in _GENERIC else codecs.from_dict(body))
-            except ApiError as exc:
-                if exc.status.code != 409:
-                    raise
+    async def _delete(
+        self, res: Any, name: str, namespace: str | None = None, cascade: CascadeType | None = None
+    ) -> None:
+        """Delete; a missing object is fine."""
+        try:
+            await self.client.delete(res, name, namespace=namespace, cascade=cascade)
+        except ApiError as exc:
+            if exc.status.code != 404:
+                raise
 
-        return job
-
-    def _volume_job(self, cache: ObjectRef, body: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+    async def _create_volume(self, cache: ObjectRef, body: dict[str, Any]) -> None:
         """Create a PV/PVC and say so on the cache, or say why not (e.g. jobNamespace missing)."""
         meta = body["metadata"]
         where = f"{meta['namespace']}/{meta['name']}" if meta.get("namespace") else meta["name"]
         what = f"{body['kind']} {where}"
-
-        async def job() -> None:
-            try:
-                await self.client.create(codecs.from_dict(body))
-            except ApiError as exc:
-                if exc.status.code == 409:
-                    await self._adopt_volume(cache, body, what)
-                    return
-                await self.post_events(
-                    [Event(cache, "Warning", "VolumeFailed", f"{what}: {exc.status.message}")]
-                )
-                raise
-            await self.post_events([Event(cache, "Normal", "VolumeCreated", what)])
-
-        return job
+        try:
+            await self.client.create(codecs.from_dict(body))
+        except ApiError as exc:
+            if exc.status.code == 409:
+                await self._adopt_volume(cache, body, what)
+                return
+            await self.post_events([Event(cache, "Warning", "VolumeFailed", f"{what}: {exc.status.message}")])
+            raise
+        await self.post_events([Event(cache, "Normal", "VolumeCreated", what)])
 
     async def _adopt_volume(self, cache: ObjectRef, body: dict[str, Any], what: str) -> None:
         """A PV/PVC of our name exists: adopt it when KServe made it for this cache, else say whose it is."""
@@ -249,43 +243,28 @@ class Writer:
             [Event(cache, "Normal", "VolumeAdopted", f"{what} (created by KServe) adopted")]
         )
 
-    def _delete_job(
-        self, res: Any, name: str, namespace: str | None = None, cascade: CascadeType | None = None
-    ) -> Callable[[], Awaitable[None]]:
-        async def job() -> None:
-            try:
-                await self.client.delete(res, name, namespace=namespace, cascade=cascade)
-            except ApiError as exc:
-                if exc.status.code != 404:
-                    raise
-
-        return job
-
-    def _daemonset_job(self, body: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+    async def _apply_daemonset(self, body: dict[str, Any]) -> None:
+        """Create, or merge-patch ours over the existing one; KServe's of that name is replaced."""
         meta = body["metadata"]
-
-        async def job() -> None:
-            try:
-                await self.client.create(codecs.from_dict(body))
-                return
-            except ApiError as exc:
-                if exc.status.code != 409:
-                    raise
-            existing = (await self.client.get(DaemonSet, meta["name"], namespace=meta["namespace"])).to_dict()
-            labels = (existing.get("metadata") or {}).get("labels") or {}
-            if labels.get(MANAGED_BY_LABEL) != MANAGED_BY:
-                await self._replace_foreign_daemonset(existing, body)
-                return
-            # Exists with another spec: merge-patch ours over it (labels, annotations, spec).
-            patch = {
-                "metadata": {"labels": meta["labels"], "annotations": meta["annotations"]},
-                "spec": body["spec"],
-            }
-            await self.client.patch(
-                DaemonSet, meta["name"], patch, namespace=meta["namespace"], patch_type=PatchType.MERGE
-            )
-
-        return job
+        try:
+            await self.client.create(codecs.from_dict(body))
+            return
+        except ApiError as exc:
+            if exc.status.code != 409:
+                raise
+        existing = (await self.client.get(DaemonSet, meta["name"], namespace=meta["namespace"])).to_dict()
+        labels = (existing.get("metadata") or {}).get("labels") or {}
+        if labels.get(MANAGED_BY_LABEL) != MANAGED_BY:
+            await self._replace_foreign_daemonset(existing, body)
+            return
+        # Exists with another spec: merge-patch ours over it (labels, annotations, spec).
+        patch = {
+            "metadata": {"labels": meta["labels"], "annotations": meta["annotations"]},
+            "spec": body["spec"],
+        }
+        await self.client.patch(
+            DaemonSet, meta["name"], patch, namespace=meta["namespace"], patch_type=PatchType.MERGE
+        )
 
     async def _replace_foreign_daemonset(self, existing: dict[str, Any], body: dict[str, Any]) -> None:
         """`<group>-agent` made by KServe (its Go agent): delete it so ours takes the name; anything

@@ -11,8 +11,8 @@ see its own Job yet recreates nothing, the create gets a 409) and our labels mar
 entries that left a node are deleted (KServe's cleanupJobs does the same by label).
 
 The Job's state is the entry's `status.modelStatus` on that LocalModelNode (KServe's
-getModelStatusFromJobStatus; `active` stands in for `ready`, which 1.20 lacks); the agent leaves
-these entries alone (`agent.plan.entries`). A finished Job removed by its TTL leaves the status
+getModelStatusFromJobStatus; Downloading on `ready` or `active` pods, since 1.20 has no `ready`); the
+agent leaves these entries alone (`agent.plan.entries`). A finished Job removed by its TTL leaves the status
 ModelDownloaded (as KServe); a failed Job stays until someone deletes it, then a new one runs.
 """
 
@@ -108,7 +108,7 @@ def job_from(obj: Mapping[str, Any]) -> DownloadJob | None:
         node=str(labels.get(NODE_LABEL) or ""),
         status_key=str((meta.get("annotations") or {}).get(STATUS_KEY_ANNOTATION) or ""),
         created=str(meta.get("creationTimestamp") or ""),
-        active=int(status.get("active") or 0),
+        active=max(int(status.get("active") or 0), int(status.get("ready") or 0)),
         succeeded=int(status.get("succeeded") or 0),
         failed=int(status.get("failed") or 0),
         deleting=bool(meta.get("deletionTimestamp")),

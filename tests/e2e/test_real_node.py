@@ -171,11 +171,10 @@ except OSError:
 def test_1_agent_pod_and_simulated_agent_fill_the_cache(playground: Playground) -> None:
     kube, home = playground.kube, playground.home
     assert _ready(kube.get(Node, REAL)) and _ready(kube.get(Node, FAKE)), "simulated nodes stay Ready"
-    # The node's cache directory, prepared as a node admin would: the agent pod runs as the image's
-    # uid 65532 and a hostPath the kubelet creates (DirectoryOrCreate) is root's, mode 0755.
+    # The node's cache directory does not exist: the kubelet creates it (DirectoryOrCreate) root's,
+    # 0755, and the agent DaemonSet's init container hands it to the agent's uid 65532.
     hostpath = home / "models"
-    hostpath.mkdir()
-    os.chown(hostpath, 65532, 1000)
+    assert not hostpath.exists()
     docs = f"""
 apiVersion: serving.kserve.io/v1alpha1
 kind: LocalModelNodeGroup
@@ -222,9 +221,16 @@ spec:
     # nothing is ever pulled: every pod of the install names the imported tag and never pulls it
     templates = [agent.spec.template] + [d.spec.template for d in kube.list(Deployment, namespace="kserve")]
     assert {c.imagePullPolicy for t in templates for c in t.spec.containers} == {"Never"}
-    pods = kube.list(Pod, namespace="kserve", labels={"app.kubernetes.io/name": "modelcache-agent"})
-    running = [p for p in pods if p.spec.nodeName == REAL and p.status.phase == "Running"]
-    assert running, "the agent runs as a DaemonSet pod on the real node"
+
+    def running() -> list[Pod] | None:
+        pods = kube.list(Pod, namespace="kserve", labels={"app.kubernetes.io/name": "modelcache-agent"})
+        return [p for p in pods if p.spec.nodeName == REAL and p.status.phase == "Running"] or None
+
+    try:
+        wait_for("the agent runs as a DaemonSet pod on the real node", running)
+    except AssertionError:
+        pods = kube.list(Pod, namespace="kserve", labels={"app.kubernetes.io/name": "modelcache-agent"})
+        raise AssertionError([(p.metadata.name, p.spec.nodeName, p.status) for p in pods]) from None
     real_copy = hostpath / "models" / playground.key / "tiny-llm.bin"
     fake_copy = home / "dev" / "nodes" / FAKE / "models" / playground.key / "tiny-llm.bin"
     for copy in (real_copy, fake_copy):

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lightkube import AsyncClient
-from lightkube.generic_resource import create_global_resource
 from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, ServiceAccount
 from lightkube.types import PatchType
 
@@ -36,7 +35,7 @@ from modelcache.agent import plan as pl
 from modelcache.agent.metrics import Metrics, serve
 from modelcache.api.types import GROUP, VERSION, LocalModelInfo, LocalModelNodeSpec
 from modelcache.errors import ConflictError, ModelcacheError, NotFoundError
-from modelcache.kube import backoff
+from modelcache.kube import backoff, resources
 from modelcache.kube.config import LocalModelConfig, parse_local_model_config
 from modelcache.kube.constants import CONFIGMAP_NAME
 from modelcache.kube.events import EventRecorder, ObjectRef
@@ -48,11 +47,9 @@ from modelcache.uri import parse_uri, redact
 
 log = logging.getLogger("modelcache.agent")
 
-LocalModelNodeRes = create_global_resource(GROUP, VERSION, "LocalModelNode", "localmodelnodes")
-LocalModelNodeGroupRes = create_global_resource(GROUP, VERSION, "LocalModelNodeGroup", "localmodelnodegroups")
-ClusterStorageContainerRes = create_global_resource(
-    GROUP, VERSION, "ClusterStorageContainer", "clusterstoragecontainers"
-)
+LocalModelNodeRes = resources.LocalModelNode
+LocalModelNodeGroupRes = resources.LocalModelNodeGroup
+ClusterStorageContainerRes = resources.ClusterStorageContainer
 STATE_FILE = "agent.json"
 T = TypeVar("T")
 COMPONENT = "modelcache-agent"

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightkube import ApiError, AsyncClient, codecs
-from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.resources.apps_v1 import DaemonSet
 from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Node, PersistentVolume, PersistentVolumeClaim
 from lightkube.types import CascadeType, PatchType
 
-from modelcache.api.types import API_VERSION, GROUP, VERSION
+from modelcache.api.types import API_VERSION
+from modelcache.kube import resources
 from modelcache.kube.constants import MANAGED_BY, MANAGED_BY_LABEL
 from modelcache.kube.events import EventRecorder
 
@@ -46,12 +46,10 @@ log = logging.getLogger("modelcache.controller")
 
 COMPONENT = "modelcache-controller"
 
-LocalModelCacheRes = create_global_resource(GROUP, VERSION, "LocalModelCache", "localmodelcaches")
-LocalModelNamespaceCacheRes = create_namespaced_resource(
-    GROUP, VERSION, "LocalModelNamespaceCache", "localmodelnamespacecaches"
-)
-LocalModelNodeGroupRes = create_global_resource(GROUP, VERSION, "LocalModelNodeGroup", "localmodelnodegroups")
-LocalModelNodeRes = create_global_resource(GROUP, VERSION, "LocalModelNode", "localmodelnodes")
+LocalModelCacheRes = resources.LocalModelCache
+LocalModelNamespaceCacheRes = resources.LocalModelNamespaceCache
+LocalModelNodeGroupRes = resources.LocalModelNodeGroup
+LocalModelNodeRes = resources.LocalModelNode
 
 
 #: Kind -> lightkube resource, for the kinds the controller writes.

@@ -24,13 +24,12 @@ import httpx2
 import kopf
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube import operators as ops
-from lightkube.generic_resource import create_global_resource
 from lightkube.resources.apps_v1 import DaemonSet
 from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod
 
-from modelcache.api.types import GROUP
 from modelcache.errors import ModelcacheError, UsageError
+from modelcache.kube import resources
 from modelcache.kube.backoff import Backoff
 from modelcache.kube.config import LocalModelConfig, parse_local_model_config
 from modelcache.kube.constants import CONFIGMAP_NAME, MANAGED_BY, MANAGED_BY_LABEL, MODEL_POD_LABEL
@@ -46,9 +45,7 @@ from .leader import LeaderElector, default_identity
 log = logging.getLogger("modelcache.controller")
 
 FIELD_MANAGER = "modelcache-controller"
-ClusterStorageContainerRes = create_global_resource(
-    GROUP, "v1alpha1", "ClusterStorageContainer", "clusterstoragecontainers"
-)
+ClusterStorageContainerRes = resources.ClusterStorageContainer
 EXIT_LOST_LEADERSHIP = 1
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import httpx2
 import yaml
 from lightkube import ApiError, Client, ConfigError, KubeConfig
-from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 
 from modelcache.errors import (
     AuthError,
@@ -30,16 +29,15 @@ from modelcache.errors import (
     SourceError,
     UsageError,
 )
-from modelcache.kube.constants import GROUP
+from modelcache.kube import resources
 from modelcache.safepath import printable
 
-LocalModelCache = create_global_resource(GROUP, "v1alpha1", "LocalModelCache", "localmodelcaches")
-LocalModelNamespaceCache = create_namespaced_resource(
-    GROUP, "v1alpha1", "LocalModelNamespaceCache", "localmodelnamespacecaches"
-)
-LocalModelNode = create_global_resource(GROUP, "v1alpha1", "LocalModelNode", "localmodelnodes")
-LocalModelNodeGroup = create_global_resource(GROUP, "v1alpha1", "LocalModelNodeGroup", "localmodelnodegroups")
-InferenceService = create_namespaced_resource(GROUP, "v1beta1", "InferenceService", "inferenceservices")
+# The resources, defined once in kube/resources.py (re-exported: the cluster CLI imports them here).
+LocalModelCache = resources.LocalModelCache
+LocalModelNamespaceCache = resources.LocalModelNamespaceCache
+LocalModelNode = resources.LocalModelNode
+LocalModelNodeGroup = resources.LocalModelNodeGroup
+InferenceService = resources.InferenceService
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from aiohttp import web
 from modelcache.kube.config import parse_local_model_config
 from modelcache.kube.constants import (
     CONFIGMAP_NAME,
-    GROUP,
     LOCALMODEL_LABEL,
     READY_NODE_LABEL_VALUE,
     ready_label,
@@ -74,20 +73,14 @@ class ServerConfig:
 
 # -- cluster reads --------------------------------------------------------------------------------
 def _resources() -> dict[str, Any]:
-    from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+    from modelcache.kube import resources  # lightkube only once serving: the CLI starts fast
 
     return {
-        "cache": create_global_resource(GROUP, "v1alpha1", "LocalModelCache", "localmodelcaches"),
-        "ns_cache": create_namespaced_resource(
-            GROUP, "v1alpha1", "LocalModelNamespaceCache", "localmodelnamespacecaches"
-        ),
-        "group": create_global_resource(GROUP, "v1alpha1", "LocalModelNodeGroup", "localmodelnodegroups"),
-        "isvc": create_namespaced_resource(GROUP, "v1beta1", "InferenceService", "inferenceservices"),
-        # newest first: a cluster with an older KServe serves only v1alpha1
-        "llmisvc": [
-            create_namespaced_resource(GROUP, version, "LLMInferenceService", "llminferenceservices")
-            for version in ("v1alpha2", "v1alpha1")
-        ],
+        "cache": resources.LocalModelCache,
+        "ns_cache": resources.LocalModelNamespaceCache,
+        "group": resources.LocalModelNodeGroup,
+        "isvc": resources.InferenceService,
+        "llmisvc": list(resources.LLMInferenceServices),
     }
 
 

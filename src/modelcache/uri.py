@@ -156,31 +156,26 @@ _QUERY_VALUE = re.compile(r"([?&;#][^=&#;]*=)[^&#;]*")
 _QUERY_BARE = re.compile(r"([?&;#])[^=&#;]+(?=[&#;]|$)")  # `?SECRET`: a value with no name
 
 
-def _userinfo_end(rest: str) -> int:
+_HOST_LIKE = re.compile(r"[A-Za-z0-9._-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
+
+
+def _userinfo_end(rest: str, web: bool = False) -> int:
     """Where the user-info of `rest` (the text after `scheme://`) ends at its '@', or -1.
 
-    Passwords are often written unescaped, with '/', '?', '#' or '@' in them, which a URL parser
-    reads as the start of the path: so the user-info is taken to run to the last '@' before the
-    first '/' that follows the first '@', as long as it holds a ':' or the authority holds an '@'.
+    The parser's answer when a host follows the authority's last '@'. Else a password was written
+    unescaped ('/', '?', '#', '@' in it moves the parser's authority): then the user-info runs to the
+    last '@' that a host follows, when a ':' comes before it (a password) or, for http(s), the host
+    is a dotted name (a token with a '/' in it). Not user-info: s3://b/key@v2, oci://r:5000/m@sha256:..
     """
-    at = rest.find("@")
-    if at < 0:
-        return -1
     authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    if at > authority_end:
-        # The '@' is past what a parser takes for the authority: user-info with an unescaped
-        # character only if a ':' comes before it and either the "authority" is no host:port
-        # (`user:pa` of `user:pa/ss@host`) or a host follows the '@'. Not: s3://b/key@v2,
-        # oci://reg:5000/repo@sha256:...
-        authority = rest[:authority_end]
-        port = authority.rpartition(":")[2] if ":" in authority else ""
-        after = re.split(r"[/?#]", rest[at + 1 :], maxsplit=1)[0]
-        host_follows = re.fullmatch(r"[A-Za-z0-9._-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", after) is not None
-        if ":" not in rest[:at] or not ((port and not port.isdigit()) or host_follows):
-            return -1
-    slash = rest.find("/", at)
-    limit = len(rest) if slash < 0 else slash
-    return rest.rfind("@", 0, limit)
+    std = rest.rfind("@", 0, authority_end)
+    if std >= 0 and _HOST_LIKE.fullmatch(rest[std + 1 : authority_end]):
+        return std
+    for m in reversed(list(re.finditer("@", rest))):
+        after = re.split(r"[/?#]", rest[m.start() + 1 :], maxsplit=1)[0]
+        if _HOST_LIKE.fullmatch(after) and (":" in rest[: m.start()] or (web and "." in after)):
+            return m.start()
+    return std
 
 
 def redact(uri: str) -> str:
@@ -189,7 +184,7 @@ def redact(uri: str) -> str:
     out = uri
     if m is not None:
         rest = uri[m.end() :]
-        end = _userinfo_end(rest)
+        end = _userinfo_end(rest, web=m.group(1).lower() in ("http://", "https://"))
         if end >= 0:
             out = m.group(1) + "***" + rest[end:]
     out = _QUERY_VALUE.sub(lambda g: g.group(1) + "***", out)

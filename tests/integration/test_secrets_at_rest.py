@@ -74,15 +74,16 @@ def test_no_secret_at_rest_or_in_any_output(tmp_path: Path) -> None:
             keys.append(json.loads(proc.stdout)["key"])
         # An interrupted download leaves staging state behind: it must be clean too.
         (tmp_path / "origin").mkdir()
-        (tmp_path / "origin" / "partial.bin").write_bytes(os.urandom(8 << 20))
+        (tmp_path / "origin" / "partial.bin").write_bytes(os.urandom(64 << 20))
         with Origin(tmp_path / "origin", rate_limit=1 << 20) as slow:
             uri = f"http://bob:{pw}@127.0.0.1:{slow.port}/partial.bin?sig={SECRETS['signature']}"
             proc_bg = popen_cli(home, "pull", uri, **FAST)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not list(home.glob(".modelcache/staging/*/state.json")):
                 time.sleep(0.1)
-            time.sleep(0.5)
-            assert list(home.glob(".modelcache/staging/*/state.json")), "no staging state to inspect"
+            if not list(home.glob(".modelcache/staging/*/state.json")):
+                proc_bg.kill()
+                raise AssertionError(f"no staging state to inspect: {proc_bg.communicate(timeout=30)}")
             proc_bg.send_signal(signal.SIGKILL)
             out, err = proc_bg.communicate(timeout=30)
             printed += [out, err]

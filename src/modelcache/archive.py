@@ -18,10 +18,12 @@ All of these are exit 4 (`IntegrityError`) and the engine then discards staging:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import lzma
 import os
+import shutil
 import stat
 import tarfile
 import zipfile
@@ -298,24 +300,64 @@ def extract(archive: Path, kind: str, root: Path, limits: UnpackLimits | None = 
     root.mkdir(parents=True, exist_ok=True)
     budget = UnpackBudget(archive.stat().st_size, printable(archive.name), limits)
     label = "zip" if kind == "zip" else "tar"
-    try:
+    with _archive_errors(archive.name, label):
         if kind == "zip":
             return _extract_zip(archive, root, budget)
         return _extract_tar(archive, root, budget)
+
+
+def extract_tar_following(
+    src: IO[bytes], name: str, size: int, root: Path, limits: UnpackLimits | None = None
+) -> list[FileEntry]:
+    """Unpack a tar (any compression) from `src` in one pass, each member checked as it comes.
+
+    For an archive still downloading (`src` waits for bytes): nothing can be planned before the
+    first write, so every check of `extract` runs per member instead (names, tree, budget, free
+    space). Writing goes to a staging directory the engine discards on any error, so a bad member
+    late in the archive still leaves nothing visible. `root` is emptied first (a resumed pull)."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    budget = UnpackBudget(size, printable(name), limits)
+    with _archive_errors(name, "tar"), tarfile.open(fileobj=src, mode="r:*") as tf:
+
+        def checked(m: tarfile.TarInfo) -> tuple[str, str, int, Any]:
+            if m.size > _free_bytes(root):
+                raise InsufficientSpaceError(
+                    f"no space left to unpack {printable(name)}: member {printable(m.name)!r} needs "
+                    f"{format_bytes(m.size)} but only {format_bytes(_free_bytes(root))} is free"
+                )
+            return m.name, _tar_kind(m), m.size, m
+
+        def open_member(m: tarfile.TarInfo) -> IO[bytes]:
+            member = tf.extractfile(m)
+            assert member is not None
+            return member
+
+        return _write_planned(_plan(map(checked, tf), budget), root, open_member)
+
+
+@contextlib.contextmanager
+def _archive_errors(name: str, label: str) -> Iterator[None]:
+    """Library and OS errors of an unpack as ours: corrupt bytes 4, full disk 5."""
+    shown = printable(name)
+    try:
+        yield
     except ModelcacheError:
         raise
     except OSError as exc:
         if exc.errno is None:  # gzip/bz2 say "not a valid stream" as an OSError without errno
-            raise IntegrityError(f"{printable(archive.name)}: not a valid {label} archive ({exc})") from exc
-        raise os_error(exc, printable(archive.name)) from exc
+            raise IntegrityError(f"{shown}: not a valid {label} archive ({exc})") from exc
+        raise os_error(exc, shown) from exc
     except CORRUPT_ARCHIVE as exc:
         reason = printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)
-        raise IntegrityError(f"{printable(archive.name)}: not a valid {label} archive ({reason})") from exc
+        raise IntegrityError(f"{shown}: not a valid {label} archive ({reason})") from exc
 
 
 def _write_planned(
-    plan: list[tuple[str, str, int, Any]], root: Path, open_member: Callable[[Any], IO[bytes]]
+    plan: Iterable[tuple[str, str, int, Any]], root: Path, open_member: Callable[[Any], IO[bytes]]
 ) -> list[FileEntry]:
+    """Write planned members in order; `plan` may be lazy (each member checked just before)."""
     entries: list[FileEntry] = []
     for rel, kind, size, handle in plan:
         dest = join_under(root, rel, "archive member")

@@ -152,7 +152,17 @@ async def _download(
         snapshot = await resolve_with_retries(source, config, on_event)
         for attempt in (1, 2):
             dest = staging / ("download" if snapshot.archive else "files")
-            transfer = Transfer(source, snapshot, staging, dest, uri=shown, config=config, on_event=on_event)
+            follower = source.follower(snapshot, staging / "files") if snapshot.archive else None
+            transfer = Transfer(
+                source,
+                snapshot,
+                staging,
+                dest,
+                uri=shown,
+                config=config,
+                on_event=on_event,
+                follower=follower,
+            )
             staging.mkdir(parents=True, exist_ok=True)
             needed = _remaining(transfer, snapshot) * (2 if snapshot.archive else 1)
             check_space(staging, needed)
@@ -166,12 +176,16 @@ async def _download(
                 fetched += transfer.bytes_fetched
                 if ours():
                     store.clear_staging(uri.key)
-                if attempt == 2 or not ours():
+                if attempt == 2 or not ours() or transfer.follower_failed:
                     raise
                 log.warning("%s: %s; starting again from a fresh snapshot", shown, exc)
                 if isinstance(exc, SnapshotMismatchError):
                     snapshot = await resolve_with_retries(source, config, on_event)
-        entries = await asyncio.to_thread(_finish_tree, source, staging, snapshot, digests)
+        if transfer.follower is not None:  # unpacked while downloading
+            entries = transfer.followed
+            shutil.rmtree(staging / "download", ignore_errors=True)
+        else:
+            entries = await asyncio.to_thread(_finish_tree, source, staging, snapshot, digests)
         checked = sum(1 for f in snapshot.files if f.sha256)
         manifest = Manifest(
             key=uri.key,

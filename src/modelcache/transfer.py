@@ -13,6 +13,10 @@ contents): each ranged request of such a file starts `overlap` bytes early, and 
 equal what the neighbouring request wrote there (checked before the model is published). A read
 that makes no progress at `min_rate` over `stall_window` seconds is retried like a reset.
 
+A `Follower` reads one file in order while it downloads (an archive unpacked as it arrives): a
+thread reads through `FollowReader`, whose reads wait for the contiguous written prefix, so the
+unpack overlaps the download instead of following it; its failure (a bad archive) stops the pull.
+
 Peers (node-to-node fill, `modelcache.peer`): with `piece_hashes` on, every fixed-size piece of a
 ranged file is hashed as soon as it is completely written and recorded in `state.json`, so a peer
 server can offer it (and a peer can check it) before the whole file is done; chunks are then whole
@@ -26,14 +30,16 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import random
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
 from modelcache.errors import (
     InsufficientSpaceError,
@@ -45,7 +51,7 @@ from modelcache.errors import (
 )
 from modelcache.quantity import format_bytes
 from modelcache.safepath import real_dir, write_nofollow
-from modelcache.sources.base import RemoteFile, Snapshot, Source
+from modelcache.sources.base import Follower, RemoteFile, Snapshot, Source
 
 MiB = 1 << 20
 WRITE_BLOCK = 1 * MiB
@@ -225,6 +231,72 @@ class RateLimiter:
             await asyncio.sleep(-self.tokens / self.rate)
 
 
+class FollowReader(io.RawIOBase):
+    """A staging file as a seekable, read-only stream for a thread, while the download writes it.
+
+    A read waits until the bytes it wants are in the contiguous written prefix (`advance`), then
+    reads them back from the page cache; reads are always full (tarfile counts short reads as
+    truncation) except at the end. `abort` wakes the reader with the pull's failure."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._size = size
+        self._pos = 0
+        self._available = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def advance(self, available: int) -> None:
+        with self._cond:
+            if available > self._available:
+                self._available = min(available, self._size)
+                self._cond.notify_all()
+
+    def abort(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._size - self._pos)
+        if want <= 0:
+            return 0
+        with self._cond:
+            while self._error is None and self._available < self._pos + want:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+        got = 0
+        while got < want:
+            n = os.preadv(self._fd, [view[got:want]], self._pos + got)
+            if n <= 0:
+                raise IntegrityError("staging file shrank while unpacking")
+            got += n
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 @dataclass
 class TransferConfig:
     connections: int = int(os.environ.get("MODELCACHE_CONNECTIONS", "16"))
@@ -290,8 +362,12 @@ class Transfer:
         uri: str,
         config: TransferConfig | None = None,
         on_event: Callable[[ProgressEvent], None] | None = None,
+        follower: Follower[Any] | None = None,
     ) -> None:
         self.config = config or TransferConfig()
+        self.follower = follower
+        self.followed: Any = None  # what follower.consume returned (once run() succeeded)
+        self.follower_failed = False  # the follower raised (a bad archive: retrying cannot help)
         self.source = source if self.config.peers is None else self.config.peers.attach(source, snapshot)
         self.snapshot = snapshot
         self.staging = staging
@@ -405,28 +481,58 @@ class Transfer:
         self.on_event(ProgressEvent("plan", nbytes=already, total=total, message=f"{len(self.tasks)} files"))
         stop = asyncio.Event()
         checkpointer = asyncio.create_task(self._checkpoint_loop(stop))
-        hashers = [asyncio.create_task(self._hasher(t)) for t in self.tasks]
-        hashers += [asyncio.create_task(self._piece_hasher(t)) for t in self.tasks if t.piece]
-        workers = [asyncio.create_task(self._worker()) for _ in range(max(1, self.config.connections))]
+        tasks = [asyncio.create_task(self._hasher(t)) for t in self.tasks]
+        tasks += [asyncio.create_task(self._piece_hasher(t)) for t in self.tasks if t.piece]
+        tasks += [asyncio.create_task(self._worker()) for _ in range(max(1, self.config.connections))]
+        reader: FollowReader | None = None
+        if self.follower is not None:
+            t = next(t for t in self.tasks if t.rf.path == self.follower.path)
+            reader = FollowReader(t.dest, t.size or 0)
+            tasks.append(asyncio.create_task(self._follow(t, reader, self.follower)))
         try:
-            await asyncio.gather(*workers)
-            await asyncio.gather(*hashers)
+            # Fail fast: a bad archive found by the follower stops the download, and vice versa.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
         except BaseException:
-            for task in (*workers, *hashers):
+            for task in tasks:  # a cancelled _follow wakes and waits for its thread
                 task.cancel()
-            await asyncio.gather(*workers, *hashers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
             stop.set()
             await asyncio.gather(checkpointer, return_exceptions=True)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self._checkpoint)
+            if reader is not None:
+                reader.close()
         hooks = self.source if isinstance(self.source, PeerHooks) else None
         try:
             return await self._verify(hooks)
         finally:
             if hooks is not None:
                 await hooks.detach()
+
+    async def _follow(self, t: FileTask, reader: FollowReader, follower: Follower[Any]) -> None:
+        """Feed the follower's thread the contiguous prefix as it grows (a stream that restarts on
+        retry, one not ranged, is offered only once complete)."""
+        consumer = asyncio.create_task(asyncio.to_thread(follower.consume, cast(IO[bytes], reader)))
+        try:
+            while not consumer.done():
+                reader.advance(t.contiguous() if t.ranged else (t.size or 0) if t.complete() else 0)
+                t.changed.clear()
+                changed = asyncio.create_task(t.changed.wait())
+                await asyncio.wait({consumer, changed}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+            try:
+                self.followed = consumer.result()
+            except Exception:
+                self.follower_failed = True
+                raise
+        except BaseException:
+            reader.abort(TransientSourceError("the download stopped"))
+            await asyncio.gather(consumer, return_exceptions=True)  # the thread cannot be cancelled
+            raise
 
     async def _verify(self, hooks: PeerHooks | None) -> dict[str, str]:
         total = self.snapshot.total_bytes

@@ -9,9 +9,10 @@ from __future__ import annotations
 import fnmatch
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Generic, TypeVar
 
 from modelcache.errors import IntegrityError
 from modelcache.safepath import printable
@@ -34,6 +35,18 @@ def archive_kind(name: str) -> str | None:
         if lower.endswith(suffix):
             return kind
     return None
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Follower(Generic[T]):
+    """Read `path` of a snapshot in order while it downloads: `consume(stream)` runs in a thread
+    (the transfer engine feeds it the written prefix; see `modelcache.transfer.FollowReader`)."""
+
+    path: str
+    consume: Callable[[IO[bytes]], T]
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,23 @@ class Source(ABC):
     @abstractmethod
     def read(self, f: RemoteFile, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
         """Stream bytes [start, end). Raise TransientSourceError for anything worth retrying."""
+
+    def follower(self, snapshot: Snapshot, files_dir: Path) -> Follower[list[FileEntry]] | None:
+        """Unpack the archive while it downloads, when it can be read front to back (a tar, any
+        compression; a zip's directory is at its end). None: `finalize` after the download."""
+        f = snapshot.files[0]
+        size = f.size
+        if snapshot.archive != "tar" or len(snapshot.files) != 1 or size is None:
+            return None
+        from modelcache.archive import extract_tar_following
+
+        def consume(src: IO[bytes]) -> list[FileEntry]:
+            entries = extract_tar_following(src, f.path, size, files_dir)
+            if not entries:
+                raise IntegrityError(f"{f.path}: archive holds no files")
+            return entries
+
+        return Follower(f.path, consume)
 
     def finalize(self, snapshot: Snapshot, download_dir: Path, files_dir: Path) -> list[FileEntry]:
         """Build the model tree from a downloaded, verified archive snapshot (runs in a thread).

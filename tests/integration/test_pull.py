@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_line_error, run_cli, write_random
+from tests.conftest import assert_one_line_error, popen_cli, run_cli, write_random
 from tests.support.origin import FaultRule, Origin
 
 MiB = 1 << 20
@@ -205,6 +207,114 @@ def test_unsafe_zip_rejected(home: Path, origin: Origin, origin_root: Path) -> N
         zf.writestr("../../zip-escape.txt", "evil")
     proc = run_cli(home, "pull", origin.url_for("/evil.zip"))
     assert "unsafe archive member" in assert_one_line_error(proc, 4)
+
+
+def _key(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _model_tar(path: Path, src: Path, *, big: int = 12 * MiB) -> None:
+    """config.json first (as tools write it), then two weight files."""
+    (src / "config.json").parent.mkdir(parents=True, exist_ok=True)
+    (src / "config.json").write_text('{"model_type": "t"}')
+    write_random(src / "w1.bin", big, seed=2)
+    write_random(src / "w2.bin", big, seed=3)
+    with tarfile.open(path, "w") as tf:
+        for name in ("config.json", "w1.bin", "w2.bin"):
+            tf.add(src / name, arcname=name)
+
+
+def test_tar_is_unpacked_while_it_downloads(
+    home: Path, origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    """The first member lands in staging while most of the archive is still on the wire, and the
+    archive is fetched once (no second pass over the network, none over a finished download)."""
+    src = tmp_path / "m"
+    _model_tar(origin_root / "model.tar", src)
+    size = (origin_root / "model.tar").stat().st_size
+    url = origin.url_for("/model.tar")
+    origin.rate_limit = 2 * MiB  # per response: 2 connections, ~6 s for the whole archive
+    proc = popen_cli(home, "pull", url, MODELCACHE_CONNECTIONS="2")
+    unpacked = home / ".modelcache" / "staging" / _key(url) / "files" / "config.json"
+    seen_at: int | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if unpacked.exists():
+                seen_at = origin.bytes_sent_for("/model.tar")
+                break
+            time.sleep(0.02)
+        origin.rate_limit = None
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert seen_at is not None and seen_at < size // 2, (seen_at, size)
+    assert tree_digest(Path(out.strip())) == tree_digest(src)
+    assert origin.bytes_sent_for("/model.tar") <= size + origin.overlap_bytes_for("/model.tar")
+    assert not list((home / ".modelcache" / "staging").iterdir())
+    assert run_cli(home, "verify", "--full").returncode == 0
+
+
+def test_bomb_found_while_downloading_stops_the_download(
+    home: Path, origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    """A member over the unpack cap at the front stops the pull long before the archive is in,
+    with exit 4 and no second attempt."""
+    filler = write_random(tmp_path / "filler.bin", 16 * MiB, seed=4)
+    with tarfile.open(origin_root / "bomb.tar.gz", "w:gz") as tf:
+        zeros = tarfile.TarInfo("zeros.bin")
+        zeros.size = 80 * MiB
+        tf.addfile(zeros, io.BytesIO(bytes(zeros.size)))
+        more = tarfile.TarInfo("filler.bin")
+        more.size = len(filler)
+        tf.addfile(more, io.BytesIO(filler))
+    size = (origin_root / "bomb.tar.gz").stat().st_size
+    origin.rate_limit = 1 * MiB
+    proc = run_cli(
+        home,
+        "pull",
+        origin.url_for("/bomb.tar.gz"),
+        MODELCACHE_CONNECTIONS="2",
+        MODELCACHE_MAX_UNPACK_BYTES=str(32 * MiB),
+    )
+    line = assert_one_line_error(proc, 4)
+    assert "unpacks to more than" in line
+    assert origin.bytes_sent_for("/bomb.tar.gz") < size // 2
+    assert not list((home / ".modelcache" / "staging").iterdir())
+    assert not (home / "models").exists() or not list((home / "models").iterdir())
+
+
+def test_tar_resumed_after_kill_is_unpacked_again(
+    home: Path, origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    """kill -9 once members are unpacked: the resumed pull keeps the downloaded bytes, unpacks the
+    archive afresh and publishes exactly the source tree."""
+    src = tmp_path / "m"
+    _model_tar(origin_root / "model.tar", src)
+    size = (origin_root / "model.tar").stat().st_size
+    url = origin.url_for("/model.tar")
+    origin.rate_limit = 2 * MiB
+    proc = popen_cli(home, "pull", url, MODELCACHE_CONNECTIONS="2")
+    unpacked = home / ".modelcache" / "staging" / _key(url) / "files" / "w1.bin"
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and not unpacked.exists():
+            time.sleep(0.02)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert unpacked.exists()
+    first = origin.bytes_sent_for("/model.tar")
+    assert first < size
+    origin.rate_limit = None
+    again = run_cli(home, "pull", url)
+    assert again.returncode == 0, again.stderr
+    assert tree_digest(Path(again.stdout.strip())) == tree_digest(src)
+    # bytes already written were kept (plus one overlap per request and the killed requests' tails)
+    assert origin.bytes_sent_for("/model.tar") < size + first // 2 + 4 * MiB
+    assert run_cli(home, "verify", "--full").returncode == 0
 
 
 def test_file_source_directory(home: Path, tmp_path: Path) -> None:

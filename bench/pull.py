@@ -236,6 +236,7 @@ def _write_random_ish(path: Path, size: int) -> str:
 def _write_lookup_archive(path: Path) -> None:
     """A 100-file model (json + small binaries) as one tar: modelcache's http source takes one URL."""
     tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no bench/work yet
     with tarfile.open(tmp, "w") as tar:
         for i in range(LOOKUP_FILES):
             name = f"model100/file-{i:03d}.json" if i % 2 else f"model100/shard-{i:03d}.bin"

@@ -34,9 +34,11 @@ import io
 import json
 import os
 import random
+import statistics
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
@@ -76,6 +78,38 @@ def next_chunk_size(unallocated: int, connections: int, *, lo: int = 1 * MiB, hi
     want = unallocated // max(1, 2 * connections)
     size = max(lo, min(hi, want - want % MiB if want >= MiB else want))
     return min(size, unallocated)
+
+
+def request_floor(
+    samples: Sequence[tuple[float, float]], *, lo: int = 1 * MiB, hi: int = 16 * MiB, k: float = 16.0
+) -> int:
+    """The smallest ranged request worth making, from recent (first-byte latency s, bytes/s) samples.
+
+    A request should stream at least `k` times as long as it waited for its first byte, or the
+    tail of a download becomes round trips: ~1 MiB for a loopback nginx, 8-16 MiB for S3 (AWS's
+    own advice), whatever the server's per-request cost turns out to be. Medians: one slow
+    request does not move it."""
+    if not samples:
+        return lo
+    latency = statistics.median(s[0] for s in samples)
+    rate = statistics.median(s[1] for s in samples)
+    want = int(k * latency * rate)
+    return max(lo, min(hi, want - want % MiB))
+
+
+@dataclass
+class RequestTimes:
+    """(first-byte latency, per-connection rate) of the last requests that streamed long enough."""
+
+    samples: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=32))
+
+    def add(self, started: float, first_at: float, first_len: int, ended: float, nbytes: int) -> None:
+        body = nbytes - first_len
+        if first_at <= 0 or body < 2 * first_len or body < MiB or ended <= first_at:
+            return  # too short to tell latency from transfer time
+        rate = body / (ended - first_at)
+        # the first block arrived after the latency plus its own transfer time
+        self.samples.append((max(0.0, first_at - started - first_len / rate), rate))
 
 
 def split_point(start: int, received: int, end: int, min_piece: int = MIN_STEAL // 2) -> int | None:
@@ -299,9 +333,13 @@ class FollowReader(io.RawIOBase):
 
 @dataclass
 class TransferConfig:
-    connections: int = int(os.environ.get("MODELCACHE_CONNECTIONS", "16"))
+    connections: int = int(os.environ.get("MODELCACHE_CONNECTIONS", "32"))
     chunk_size: int | None = (
         int(os.environ["MODELCACHE_CHUNK_SIZE"]) if "MODELCACHE_CHUNK_SIZE" in os.environ else None
+    )
+    # The smallest ranged request (bar a file's last bytes); unset: measured (`request_floor`).
+    min_chunk: int | None = (
+        int(os.environ["MODELCACHE_MIN_CHUNK"]) if "MODELCACHE_MIN_CHUNK" in os.environ else None
     )
     retries: int = int(os.environ.get("MODELCACHE_RETRIES", "5"))
     retry_base: float = float(os.environ.get("MODELCACHE_RETRY_BASE", "0.5"))
@@ -376,6 +414,7 @@ class Transfer:
         self.on_event = on_event or (lambda e: None)
         self.limiter = RateLimiter(self.config.limit_rate) if self.config.limit_rate else None
         self.tasks: list[FileTask] = []
+        self.request_times = RequestTimes()
         self.bytes_fetched = 0  # bytes received from the source in this run (resume accounting)
 
     # -- state -------------------------------------------------------------------------------
@@ -583,7 +622,12 @@ class Transfer:
         unallocated = sum((t.size or 0) - t.cursor for t in self.tasks if t.ranged)
         for t in self.tasks:
             if t.ranged and t.size is not None and t.cursor < t.size:
-                n = t.piece or self.config.chunk_size or next_chunk_size(unallocated, self.config.connections)
+                lo = self.config.min_chunk or request_floor(self.request_times.samples)
+                n = (
+                    t.piece
+                    or self.config.chunk_size
+                    or next_chunk_size(unallocated, self.config.connections, lo=lo)
+                )
                 c = Chunk(t.cursor, min(t.size, t.cursor + n))
                 t.cursor = c.end or t.cursor
                 t.chunks.append(c)
@@ -693,9 +737,13 @@ class Transfer:
         if overlap and isinstance(self.source, PeerHooks) and not self.source.wants_overlap(t.rf, pos):
             overlap = 0  # this piece will come from a peer and be checked against its sha256
         head = bytearray()
+        started, first_at, first_len, got = time.monotonic(), 0.0, 0, 0
         stream = self._guarded(self.source.read(t.rf, pos - overlap, c.end), t)
         async with contextlib.aclosing(stream):
             async for data in stream:
+                if not got:
+                    first_at, first_len = time.monotonic(), len(data)
+                got += len(data)
                 if len(head) < overlap:
                     take = overlap - len(head)
                     head += data[:take]
@@ -714,6 +762,7 @@ class Transfer:
                 if c.buffered >= WRITE_BLOCK:
                     await flush()
         await flush()
+        self.request_times.add(started, first_at, first_len, time.monotonic(), got)
 
     async def _guarded(self, stream: AsyncGenerator[bytes, None], t: FileTask) -> AsyncGenerator[bytes, None]:
         """`stream`, failing as a retryable error when the origin stalls or trickles.

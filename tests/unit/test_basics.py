@@ -10,7 +10,7 @@ import pytest
 from modelcache.errors import UsageError
 from modelcache.quantity import format_bytes, parse_quantity
 from modelcache.store.evict import Candidate, plan_eviction
-from modelcache.transfer import backoff, next_chunk_size, split_point
+from modelcache.transfer import RequestTimes, backoff, next_chunk_size, request_floor, split_point
 from modelcache.uri import parse_uri, redact, storage_key, sub_path
 
 
@@ -89,6 +89,29 @@ def test_chunk_sizes_shrink_towards_the_end() -> None:
     assert next_chunk_size(320 * mib, 16) == 10 * mib  # 1/(2 x connections) of what is left
     assert next_chunk_size(10 * mib, 16) == 1 * mib  # never below the floor...
     assert next_chunk_size(1000, 16) == 1000  # ...unless less than that is left
+
+
+def test_request_floor_follows_latency_times_rate() -> None:
+    mib = 2**20
+    assert request_floor([]) == 1 * mib  # nothing measured yet: the smallest
+    loopback = [(0.001, 20 * mib)] * 5  # nginx next door: 1 ms, 20 MiB/s
+    assert request_floor(loopback) == 1 * mib
+    s3 = [(0.03, 40 * mib)] * 5  # 30 ms to the first byte at 40 MiB/s: 19 MiB -> capped
+    assert request_floor(s3) == 16 * mib
+    busy = [(0.012, 40 * mib)] * 5 + [(2.0, 40 * mib)]  # one outlier does not move the median
+    assert request_floor(busy) == 7 * mib
+
+
+def test_request_times_separate_latency_from_transfer() -> None:
+    mib = 2**20
+    times = RequestTimes()
+    # asked at 0, first 1 MiB block at 0.125 s, 9 MiB more by 0.125 + 9/40 s: 40 MiB/s, 100 ms latency
+    times.add(0.0, 0.125, mib, 0.125 + 9 / 40, 10 * mib)
+    ((latency, rate),) = times.samples
+    assert abs(rate - 40 * mib) < 1 and abs(latency - 0.1) < 1e-9
+    times.add(0.0, 0.01, mib, 0.02, mib + 100)  # too short to tell: ignored
+    times.add(0.0, 0.0, 0, 0.5, 0)  # nothing arrived: ignored
+    assert len(times.samples) == 1
 
 
 def test_guided_chunks_tile_a_file_exactly() -> None:

@@ -114,7 +114,7 @@ def pull(
         list[str] | None, typer.Option(help="Skip files matching this glob (repeatable).")
     ] = None,
     connections: Annotated[
-        int | None, typer.Option(min=1, max=256, help="Parallel connections (default 16).")
+        int | None, typer.Option(min=1, max=256, help="Parallel connections (default 32).")
     ] = None,
     limit_rate: Annotated[str | None, typer.Option(help="Bandwidth cap per second, e.g. 50Mi.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of the path.")] = False,

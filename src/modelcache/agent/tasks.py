@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightkube import AsyncClient
+from lightkube import ApiError, AsyncClient
 
 from modelcache.agent import credentials as cred
 from modelcache.agent import plan as pl
@@ -61,6 +61,7 @@ class Peers:
     def __init__(self, client: AsyncClient, settings: Settings) -> None:
         self.client = client
         self.s = settings
+        self._ips: dict[str, str] = {}  # node name -> InternalIP, fetched once per node
 
     @property
     def enabled(self) -> bool:
@@ -85,8 +86,8 @@ class Peers:
 
     async def config(self, key: str, info: LocalModelInfo, base: TransferConfig) -> TransferConfig:
         """The transfer config for one download: with the nodes that hold or fetch this model as
-        peers (from LocalModelNode statuses and Node InternalIPs, looked up again every few seconds
-        while it runs), or `base` as is when peering is off."""
+        peers (LocalModelNode statuses, looked up again every few seconds while it runs, and each
+        Node's InternalIP, fetched once), or `base` as is when peering is off."""
         if not self.enabled:
             return base
         from modelcache.peer.source import swarm
@@ -113,13 +114,18 @@ class Peers:
 
         statuses = [plain(o) async for o in self.client.list(resources.LocalModelNode)]
         names = set(discovery.peer_nodes(info.modelName, statuses, self.s.node_name))
-        ips: dict[str, str] = {}
-        async for node in self.client.list(Node):
-            name = node.metadata.name if node.metadata else None
-            if name in names or name == self.s.node_name:
-                ip = discovery.internal_ip(node.to_dict())
-                if ip:
-                    ips[str(name)] = ip
+        # Nodes by name, each once: every downloading agent asks every few seconds, and listing all
+        # Nodes (large objects) from every agent would load the apiserver of a big cluster.
+        for name in sorted((names | {self.s.node_name}) - set(self._ips)):
+            try:
+                node = await self.client.get(Node, name=name)
+            except ApiError as exc:
+                if exc.status.code == 404:
+                    continue  # gone: it serves nothing
+                raise
+            if ip := discovery.internal_ip(node.to_dict()):
+                self._ips[name] = ip
+        ips = self._ips
         port, token = self.s.peer_port, self.s.peer_token
         pairs = [(discovery.address(ips[n], port), token) for n in sorted(names & set(ips))]
         me = ips.get(self.s.node_name)

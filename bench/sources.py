@@ -698,7 +698,8 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         "for the mock's O(object) cost)",
         f"- {cfg['rounds']} round(s); in every round both sources, each tool once, order rotating "
         "round-robin; fresh output dir / `--home` / `HF_HOME` / `HOME` for every run, deleted after; "
-        f"`sync` before each run, then a wait of up to {cfg['quiet_wait']:.0f}s for a quiet machine",
+        f"`sync` before each run, then a wait of up to {cfg['quiet_wait']:.0f}s for a quiet machine; one "
+        "untimed warm-up run per server first (a fresh moto spends about twice the CPU on its first run)",
         "- clients, each one whole process (wall time includes interpreter start-up and imports):",
         f"  - `modelcache --home H --quiet pull --json hf://{REPO_ID}` / `s3://{BUCKET}/{PREFIX}`;",
         "  - `snapshot_download(repo_id, endpoint=HF_ENDPOINT, local_dir=DIR)`;",
@@ -1050,6 +1051,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 source, model_dir, args.rate, args.moto_pacing, args.work / f"sources-{source}-server.log"
             )
             log(f"{source} server at {servers[source].url} ready in {time.perf_counter() - t0:.1f}s")
+        # Untimed: a server's first heavy run is slow (moto: ~2x CPU), which would penalise
+        # whichever tool goes first.
+        for source in args.sources:
+            warm = "boto3" if source == "s3" else "huggingface_hub"
+            run_one(args, -1, source, warm, servers[source], files)
         for rnd in range(args.rounds):
             for source in round_robin(args.sources, rnd):
                 for tool in round_robin(tools_for(source, args.variant_connections), rnd):

@@ -9,6 +9,7 @@ keys are refused the way AWS refuses them.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections import defaultdict
@@ -79,15 +80,17 @@ class _QuietHandler(WSGIRequestHandler):
 class MotoS3:
     """A moto server for S3 (and IAM, for auth) on 127.0.0.1:<free port>."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # a server context: the endpoint is https
         self.port = 0
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.meter: _Meter | None = None
+        self._auth = False  # moto's auth switch is process-wide: stop() turns it off again
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> MotoS3:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
@@ -95,7 +98,12 @@ class MotoS3:
         self.meter = _Meter(DomainDispatcherApplication(create_backend_app))
         self.port = free_port()
         self._server = make_server(
-            "127.0.0.1", self.port, self.meter, threaded=True, request_handler=_QuietHandler
+            "127.0.0.1",
+            self.port,
+            self.meter,
+            threaded=True,
+            request_handler=_QuietHandler,
+            ssl_context=self.tls,
         )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -103,6 +111,8 @@ class MotoS3:
 
     def stop(self) -> None:
         if self._server is not None:
+            if self._auth:
+                self.enforce_auth(False)  # or every later MotoS3 in this process starts locked
             self._server.shutdown()
             self._server.server_close()
             self._server = None
@@ -125,6 +135,7 @@ class MotoS3:
             region_name="us-east-1",
             aws_access_key_id=key,
             aws_secret_access_key=secret,
+            verify=False if self.tls else None,  # the test's own CA: setup only, never the code under test
         )
 
     def create_user(self, name: str = "puller") -> tuple[str, str]:
@@ -152,6 +163,7 @@ class MotoS3:
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             resp.read()
+        self._auth = on
 
     # -- measurements --------------------------------------------------------------------------
     def bytes_sent(self, bucket: str, key: str) -> int:

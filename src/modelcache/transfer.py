@@ -50,12 +50,14 @@ from modelcache.errors import (
     SnapshotMismatchError,
     SourceError,
     TransientSourceError,
+    UsageError,
 )
-from modelcache.quantity import format_bytes
+from modelcache.quantity import format_bytes, parse_quantity
 from modelcache.safepath import real_dir, write_nofollow
 from modelcache.sources.base import Follower, RemoteFile, Snapshot, Source
 
 MiB = 1 << 20
+GiB = 1 << 30
 WRITE_BLOCK = 1 * MiB
 HASH_BLOCK = 4 * MiB
 MIN_STEAL = 16 * MiB  # split only chunks with this much left: a cut wastes what the server already sent
@@ -139,6 +141,16 @@ def covered(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((a, b))
     return out
+
+
+def unknown_size_room(free: int, fs_size: int, known_left: int, reserve: int | None) -> tuple[int, int]:
+    """(bytes the files of unknown size may take in all, the free space kept).
+
+    An origin that gives no size can stream forever. Such files may fill what the files of known
+    size leave of the free space, down to `reserve` (default: 5% of the filesystem, at most 1 GiB;
+    a node whose disk runs low has its pods evicted), never the whole disk."""
+    keep = reserve if reserve is not None else min(GiB, fs_size // 20)
+    return max(0, free - keep - known_left), keep
 
 
 def backoff(attempt: int, base: float, cap: float = 20.0) -> float:
@@ -349,6 +361,9 @@ class TransferConfig:
     overlap: int = int(os.environ.get("MODELCACHE_OVERLAP", str(8 * 1024)))
     stall_window: float = float(os.environ.get("MODELCACHE_STALL_WINDOW", "30"))
     min_rate: int = int(os.environ.get("MODELCACHE_MIN_RATE", "1024"))  # bytes/s while waiting on the origin
+    # Free space a download of unknown size must leave (None: MODELCACHE_RESERVE, else see
+    # `unknown_size_room`). The agent passes its --reserve.
+    reserve: int | None = None
     piece_hashes: bool = False  # keep per-piece sha256 in state.json (a peer server offers those pieces)
     peers: Swarm | None = None  # other nodes to fetch pieces from first (implies piece_hashes)
 
@@ -416,6 +431,7 @@ class Transfer:
         self.tasks: list[FileTask] = []
         self.request_times = RequestTimes()
         self.bytes_fetched = 0  # bytes received from the source in this run (resume accounting)
+        self.unknown_room: tuple[int, int] | None = None  # (room, kept free) for files of unknown size
 
     # -- state -------------------------------------------------------------------------------
     def _load_previous(self) -> dict[str, Any]:
@@ -514,6 +530,13 @@ class Transfer:
         real_dir(self.staging, "staging directory")
         real_dir(self.dest_dir, "staging directory")
         self._plan()
+        if any(t.size is None for t in self.tasks):
+            st = os.statvfs(self.staging)  # before preallocation takes the known sizes' blocks
+            known_left = sum((t.size or 0) - t.done_bytes() for t in self.tasks if t.size is not None)
+            reserve = self.config.reserve if self.config.reserve is not None else _env_reserve()
+            self.unknown_room = unknown_size_room(
+                st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, known_left, reserve
+            )
         self._open_files()
         total = self.snapshot.total_bytes
         already = sum(t.done_bytes() for t in self.tasks)
@@ -720,6 +743,14 @@ class Transfer:
                 limit = min(limit, c.end - pos)
             if limit <= 0:
                 return
+            if t.size is None and self.unknown_room is not None:
+                room, keep = self.unknown_room
+                if sum(x.done_bytes() for x in self.tasks if x.size is None) + limit > room:
+                    raise InsufficientSpaceError(
+                        f"{t.rf.path}: the origin gave no size and sent more than the "
+                        f"{format_bytes(room)} this filesystem can spare (keeping {format_bytes(keep)} "
+                        "free; MODELCACHE_RESERVE sets that)"
+                    )
             try:
                 await asyncio.to_thread(_with_fd, t.dest, _pwritev_all, batch, limit, pos)
             except OSError as exc:
@@ -888,6 +919,17 @@ def _disk_error(exc: OSError, where: Path) -> ModelcacheError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientSpaceError(f"no space left on the device holding {where}")
     return ModelcacheError(f"cannot write to {where}: {exc.strerror}")
+
+
+def _env_reserve() -> int | None:
+    """MODELCACHE_RESERVE as bytes (a quantity such as 2Gi), or None when unset."""
+    raw = os.environ.get("MODELCACHE_RESERVE", "").strip()
+    if not raw:
+        return None
+    try:
+        return parse_quantity(raw)
+    except UsageError as exc:
+        raise UsageError(f"MODELCACHE_RESERVE: {exc.message}") from None
 
 
 def free_bytes(path: Path) -> int:

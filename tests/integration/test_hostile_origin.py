@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ EXPECT: dict[str, tuple[int, int | None, dict[str, str]]] = {
     "redirect-other-host": (0, 1, {}),
     "redirect-file": (6, None, {}),
     "redirect-loop": (6, None, {}),
+    "endless": (5, None, {}),  # room for 24 MiB (see test_lying_origin), not the whole disk
 }
 FAST = {
     "MODELCACHE_CHUNK_SIZE": str(MiB),
@@ -74,10 +76,21 @@ def assert_nothing_published(home: Path) -> None:
 def test_lying_origin(mode: str, tmp_path: Path) -> None:
     code, version, env = EXPECT[mode]
     home = tmp_path / "cache"
+    if mode == "endless":  # leave 24 MiB of room on this filesystem, whatever its size
+        st = os.statvfs(tmp_path)
+        env = {**env, "MODELCACHE_RESERVE": str(st.f_bavail * st.f_frsize - 24 * MiB)}
     with HostileOrigin(mode) as origin:
         proc = run_cli(home, "pull", origin.url(), "--json", timeout=120, **{**FAST, **env})
         gets = len([r for r in origin.seen() if r.method == "GET"])
+        sent = origin.body_bytes
     assert proc.returncode == code, (mode, proc.returncode, proc.stderr[-2000:])
+    if mode == "endless":
+        assert "gave no size" in proc.stderr and sent < 64 * MiB, (sent, proc.stderr)
+        assert not any((home / ".modelcache" / "staging").glob("*/*")), "the partial file is removed"
+        with HostileOrigin(mode) as origin:
+            bad = run_cli(home, "pull", origin.url(), **{**FAST, "MODELCACHE_RESERVE": "lots"})
+        assert bad.returncode == 2 and "MODELCACHE_RESERVE: invalid size" in bad.stderr, bad.stderr
+        assert_one_line_error(bad.stderr)
     if code != 0:
         assert_one_line_error(proc.stderr)
         assert_nothing_published(home)

@@ -31,6 +31,9 @@ Modes (see `_respond`):
   redirect-file            302 to file:///etc/passwd
   redirect-loop            302 to itself, forever
   redirect-https-to-http   only meaningful for TLS origins; here: 302 to http:// (same host)
+  endless                  no size anywhere: HEAD without Content-Length, GET a chunked body that
+                           does not end (it stops after ENDLESS_CAP bytes, so a client that does
+                           not bound it gets a complete 256 MiB file rather than a full disk)
 """
 
 from __future__ import annotations
@@ -68,9 +71,11 @@ MODES = (
     "redirect-other-host",
     "redirect-file",
     "redirect-loop",
+    "endless",
 )
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 MiB = 1 << 20
+ENDLESS_CAP = 256 * MiB
 
 
 def content(version: int, size: int) -> bytes:
@@ -100,6 +105,7 @@ class HostileOrigin:
     other_host: str = "127.0.0.2"
     requests: list[Seen] = field(default_factory=list)
     gets: int = 0
+    body_bytes: int = 0  # body bytes written by `endless` GETs
 
     def __post_init__(self) -> None:
         assert self.mode in MODES, self.mode
@@ -205,6 +211,20 @@ class HostileOrigin:
             return
         if mode == "redirect-loop":
             await self._send(writer, "302 Found", {"Location": path, "Content-Length": "0"})
+            return
+        if mode == "endless":
+            if method == "HEAD":
+                await self._send(writer, "200 OK", {})
+                return
+            await self._send(writer, "200 OK", {"Transfer-Encoding": "chunked"})
+            piece = self.v1[: 256 * 1024]
+            while self.body_bytes < ENDLESS_CAP:
+                writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                await writer.drain()
+                with self._lock:
+                    self.body_bytes += len(piece)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
             return
 
         # Which version this request sees, and under which validator. HEADs follow the origin's

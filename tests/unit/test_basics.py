@@ -10,7 +10,14 @@ import pytest
 from modelcache.errors import UsageError
 from modelcache.quantity import format_bytes, parse_quantity
 from modelcache.store.evict import Candidate, plan_eviction
-from modelcache.transfer import RequestTimes, backoff, next_chunk_size, request_floor, split_point
+from modelcache.transfer import (
+    RequestTimes,
+    backoff,
+    next_chunk_size,
+    request_floor,
+    split_point,
+    unknown_size_room,
+)
 from modelcache.uri import parse_uri, redact, storage_key, sub_path
 
 
@@ -89,6 +96,19 @@ def test_chunk_sizes_shrink_towards_the_end() -> None:
     assert next_chunk_size(320 * mib, 16) == 10 * mib  # 1/(2 x connections) of what is left
     assert next_chunk_size(10 * mib, 16) == 1 * mib  # never below the floor...
     assert next_chunk_size(1000, 16) == 1000  # ...unless less than that is left
+
+
+def test_unknown_size_room_keeps_a_reserve_and_the_known_files_room() -> None:
+    GiB, MiB = 1 << 30, 1 << 20
+    # default reserve: 5% of the filesystem, at most 1 GiB
+    assert unknown_size_room(50 * GiB, 500 * GiB, 0, None) == (49 * GiB, GiB)
+    assert unknown_size_room(10 * MiB, 100 * MiB, 0, None) == (5 * MiB, 5 * MiB)
+    # the known files' remaining bytes are set aside first; never negative
+    assert unknown_size_room(50 * GiB, 500 * GiB, 9 * GiB, None) == (40 * GiB, GiB)
+    assert unknown_size_room(GiB, 500 * GiB, 9 * GiB, None) == (0, GiB)
+    # an explicit reserve (the agent's --reserve, MODELCACHE_RESERVE) wins, 0 included
+    assert unknown_size_room(50 * GiB, 500 * GiB, 0, 0) == (50 * GiB, 0)
+    assert unknown_size_room(50 * GiB, 500 * GiB, 0, 10 * GiB) == (40 * GiB, 10 * GiB)
 
 
 def test_request_floor_follows_latency_times_rate() -> None:

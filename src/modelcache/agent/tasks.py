@@ -165,7 +165,7 @@ class Work:
         self.secrets = secrets
         self.kick = kick
         self.peers = Peers(client, settings)
-        self.transfer_config = TransferConfig()
+        self.transfer_config = TransferConfig(reserve=settings.reserve)
         self.progress: dict[str, pl.Progress] = {}
         self.sizes: dict[str, int] = {}
         self.listings: dict[str, ad.Listing] = {}

@@ -27,13 +27,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hashlib
 import hmac
 import http.client
+import logging
 import os
 import posixpath
 import re
+import socket
 import ssl
 import threading
 from collections.abc import AsyncGenerator, Mapping
@@ -59,6 +62,8 @@ from modelcache.sources.base import RemoteFile, Snapshot, Source, archive_kind, 
 from modelcache.sources.httprules import proxy_for, status_error
 from modelcache.uri import redact
 
+log = logging.getLogger("modelcache.s3")
+
 if TYPE_CHECKING:
     from obstore import GetOptions, ObjectMeta
     from obstore.store import ClientConfig, S3Config, S3Credential
@@ -75,6 +80,9 @@ _CREDENTIAL_FETCH_RE = re.compile(
 )
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 CHECKSUM_LOOKUPS = 16  # concurrent HEADs asking for published checksums
+#: All checksum HEADs together: a lookup still unanswered then is given up (best effort), so an
+#: endpoint that drips its answers cannot hold a pull for the engine's whole resolve deadline.
+CHECKSUM_DEADLINE = 60.0
 CREDENTIAL_HINT = (
     "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), "
     "or awsAnonymousCredential=true for a public bucket"
@@ -495,10 +503,20 @@ class S3Source(Source):
         pool = ThreadPoolExecutor(max_workers=min(CHECKSUM_LOOKUPS, len(files)), thread_name_prefix="s3-head")
         try:
             loop = asyncio.get_running_loop()
-            return list(await asyncio.gather(*(loop.run_in_executor(pool, one, f) for f in files)))
+            futures = [loop.run_in_executor(pool, one, f) for f in files]
+            _, late = await asyncio.wait(futures, timeout=CHECKSUM_DEADLINE)
+            if late:
+                log.warning(
+                    "%s: %d checksum lookup(s) unanswered after %gs; those objects are checked by our "
+                    "own sha256 only",
+                    self.shown,
+                    len(late),
+                    CHECKSUM_DEADLINE,
+                )
+            return [fut.result() if fut.done() else f for fut, f in zip(futures, files, strict=True)]
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-            heads.close()
+            heads.close()  # wakes any thread still blocked on a socket
 
     def supports_ranges(self, f: RemoteFile) -> bool:
         return f.size is not None
@@ -626,9 +644,14 @@ class Heads:
             return self._tls
 
     def close(self) -> None:
+        """Close every connection, from any thread. A thread blocked reading one wakes at once
+        (a shutdown, which a plain close does not do), so no worker outlives a given-up lookup."""
         with self._lock:
             conns, self._all = self._all, []
         for conn in conns:
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):  # not connected (any more)
+                    conn.sock.shutdown(socket.SHUT_RDWR)
             conn.close()
 
 

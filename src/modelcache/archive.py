@@ -36,12 +36,13 @@ from typing import IO, Any
 from modelcache.errors import InsufficientSpaceError, IntegrityError, ModelcacheError, UsageError
 from modelcache.quantity import format_bytes
 from modelcache.safepath import UnsafeNameError, join_under, printable, safe_relpath
+from modelcache.sources.base import DEFAULT_MAX_FILES as MAX_LISTED_FILES
 from modelcache.store.manifest import FileEntry
 
 BLOCK = 1 << 20
 MiB = 1 << 20
 DEFAULT_RATIO = 200.0
-DEFAULT_MAX_FILES = 100_000
+DEFAULT_MAX_FILES = MAX_LISTED_FILES  # one default for how many files a model may have
 RATIO_FLOOR = 64 * MiB  # small archives may always unpack to this much (tiny legit tarballs compress well)
 ENTRY_OVERHEAD = 512  # bytes counted per member on top of its data: a million empty files is a bomb too
 

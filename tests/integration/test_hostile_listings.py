@@ -26,8 +26,10 @@ CLEAN_ENV = {
 }
 
 
-def _pull(tmp_path: Path, scheme: str, names: list[str]) -> tuple[int, str, list[str]]:
-    with FakeListings(names) as fake:
+def _pull(
+    tmp_path: Path, scheme: str, names: list[str], *, endless: bool = False, **extra: str
+) -> tuple[int, str, list[str]]:
+    with FakeListings(names, endless=endless) as fake:
         if scheme == "gs":
             env = {**CLEAN_ENV, "STORAGE_EMULATOR_HOST": fake.endpoint}
             uri = "gs://bucket/models"
@@ -35,7 +37,9 @@ def _pull(tmp_path: Path, scheme: str, names: list[str]) -> tuple[int, str, list
             conn = f"AccountName=acct;BlobEndpoint={fake.endpoint}/acct"
             env = {**CLEAN_ENV, "AZURE_STORAGE_CONNECTION_STRING": conn}
             uri = "az://container/models"
-        proc = run_cli(tmp_path / "cache", "--quiet", "pull", uri, **env)
+        proc = run_cli(tmp_path / "cache", "--quiet", "pull", uri, **env, **extra)
+        if endless:
+            assert fake.pages <= 4, fake.pages  # refused as soon as the cap was passed
         return proc.returncode, proc.stderr, list(fake.downloads)
 
 
@@ -66,3 +70,16 @@ def test_a_clean_listing_still_works(scheme: str, tmp_path: Path) -> None:
     assert sorted(downloads) == ["models/ok.bin", "models/sub/dir/b.bin"]
     (model,) = (tmp_path / "cache" / "models").iterdir()
     assert (model / "sub" / "dir" / "b.bin").read_bytes() == b"not a model\n"
+
+
+@pytest.mark.parametrize("scheme", ["gs", "az"])
+def test_a_listing_that_does_not_end_is_refused_at_the_file_cap(scheme: str, tmp_path: Path) -> None:
+    """Every page names 1000 new objects and a next page: refused once past MODELCACHE_MAX_FILES
+    (exit 6, one line), not listed until memory or the resolve deadline runs out."""
+    code, stderr, downloads = _pull(tmp_path, scheme, [], endless=True, MODELCACHE_MAX_FILES="2500")
+    assert code == 6, stderr
+    assert "more than 2500 files" in stderr and "MODELCACHE_MAX_FILES" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert downloads == []
+    code, stderr, _ = _pull(tmp_path, scheme, ["models/ok.bin"], MODELCACHE_MAX_FILES="many")
+    assert code == 2 and "MODELCACHE_MAX_FILES" in stderr, stderr

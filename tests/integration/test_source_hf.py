@@ -219,6 +219,13 @@ def test_missing_repo_revision_or_files_exit_3(home: Path, hub: Hub) -> None:
         assert TOKEN not in proc.stderr
 
 
+def test_a_listing_past_the_file_cap_is_exit_6(home: Path, hub: Hub) -> None:
+    """The tree is paginated (4 entries a page here): the cap is checked page by page."""
+    proc = run_cli(home, "pull", f"hf://{REPO}", **hub.env(MODELCACHE_MAX_FILES="3"))
+    assert "more than 3 files" in assert_one_line_error(proc, 6)
+    assert _pull(home, hub, f"hf://{REPO}", MODELCACHE_MAX_FILES="100")["hit"] is False
+
+
 def test_hub_5xx_is_retried_then_gives_up(home: Path, hub: Hub) -> None:
     ep = hub.endpoint
     ep.fail_next(3)  # revision lookup twice, then the listing once

@@ -124,6 +124,12 @@ def _expected_revision(world: World, keys: list[str]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def test_a_listing_past_the_file_cap_is_exit_6(home: Path, world: World) -> None:
+    proc = run_cli(home, "pull", f"s3://{BUCKET}/llama/", **world.env(MODELCACHE_MAX_FILES="2"))
+    assert proc.returncode == 6 and "more than 2 files" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_prefix_with_slash_is_a_directory(home: Path, world: World) -> None:
     res = _pull(home, f"s3://{BUCKET}/llama/", world.env())
     want = {k.removeprefix("llama/"): v for k, v in world.objects.items() if k.startswith("llama/")}

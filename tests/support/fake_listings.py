@@ -19,8 +19,12 @@ BODY = b"not a model\n"
 
 
 class FakeListings:
-    def __init__(self, names: list[str]) -> None:
+    """`endless=True`: every listing page names 1000 new objects and points to a next page, forever."""
+
+    def __init__(self, names: list[str], *, endless: bool = False) -> None:
         self.names = names
+        self.endless = endless
+        self.pages = 0  # listing pages served
         self.downloads: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -54,17 +58,29 @@ class FakeListings:
         await site.start()
         self.port = self._runner.addresses[0][1]
 
+    def _page(self) -> tuple[list[str], str]:
+        """This page's names and the next page's token ("" on the last page)."""
+        self.pages += 1
+        if not self.endless:
+            return self.names, ""
+        return [f"models/p{self.pages}-{i}.bin" for i in range(1000)], str(self.pages + 1)
+
     async def _gcs_list(self, request: web.Request) -> web.Response:
-        items = [{"name": n, "size": str(len(BODY)), "generation": "1"} for n in self.names]
-        return web.json_response({"items": items})
+        names, token = self._page()
+        items = [{"name": n, "size": str(len(BODY)), "generation": "1"} for n in names]
+        return web.json_response({"items": items, **({"nextPageToken": token} if token else {})})
 
     async def _azure_list(self, request: web.Request) -> web.Response:
+        names, token = self._page()
         blobs = "".join(
             f"<Blob><Name>{escape(n)}</Name><Properties><Content-Length>{len(BODY)}</Content-Length>"
             f'<Etag>"0x1"</Etag></Properties></Blob>'
-            for n in self.names
+            for n in names
         )
-        xml = f"<?xml version='1.0'?><EnumerationResults><Blobs>{blobs}</Blobs></EnumerationResults>"
+        xml = (
+            f"<?xml version='1.0'?><EnumerationResults><Blobs>{blobs}</Blobs>"
+            f"<NextMarker>{token}</NextMarker></EnumerationResults>"
+        )
         return web.Response(body=xml.encode(), content_type="application/xml")
 
     async def _download(self, request: web.Request) -> web.Response:

@@ -54,7 +54,7 @@ from yarl import URL
 from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError, UsageError
 from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
-from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, archive_kind, select
+from modelcache.sources.base import ListingCap, RemoteFile, Snapshot, SourceOptions, archive_kind, select
 from modelcache.sources.gcs import b64_to_hex, listing_revision
 from modelcache.sources.transport import SnapshotMismatchError, proxy_kwargs, ranged_get, status_error
 from modelcache.sources.transport import describe as _describe
@@ -312,6 +312,7 @@ class AzureBlobSource(AiohttpSource):
     async def _list(self) -> list[tuple[str, int, str | None, str | None]]:
         t = self.target
         blobs: list[tuple[str, int, str | None, str | None]] = []
+        cap = ListingCap(self.shown)
         marker = ""
         while True:
             query = {"comp": "list", "restype": "container", "maxresults": "5000"}
@@ -347,6 +348,7 @@ class AzureBlobSource(AiohttpSource):
                 if etag and not etag.startswith(('"', "W/")):
                     etag = f'"{etag}"'  # listings omit the quotes that headers (and If-Match) carry
                 blobs.append((name, int(size_text), etag, props.findtext("Content-MD5")))
+            cap.check(len(blobs))
             marker = root.findtext("NextMarker") or ""
             if not marker:
                 return blobs

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Generic, TypeVar
 
-from modelcache.errors import IntegrityError
+from modelcache.errors import IntegrityError, SourceError, UsageError
 from modelcache.safepath import printable
 from modelcache.store.manifest import FileEntry
 from modelcache.uri import ModelURI, redact
@@ -84,6 +84,38 @@ class SourceOptions:
     connect_timeout: float = float(os.environ.get("MODELCACHE_CONNECT_TIMEOUT", "10"))
     read_timeout: float = float(os.environ.get("MODELCACHE_READ_TIMEOUT", "30"))
     env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+
+
+#: How many files one model may list unless MODELCACHE_MAX_FILES says otherwise; as many as an
+#: archive may unpack (MODELCACHE_MAX_UNPACK_FILES).
+DEFAULT_MAX_FILES = 100_000
+
+
+class ListingCap:
+    """Counts a paginated listing as it arrives and refuses it past MODELCACHE_MAX_FILES entries.
+
+    A store whose listing does not end (or a prefix that names a whole bucket) is refused while the
+    list is still small, not once the agent has run out of memory: pages keep coming for as long as
+    the resolve deadline allows."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        raw = os.environ.get("MODELCACHE_MAX_FILES", "").strip()
+        if not raw:
+            self.cap = DEFAULT_MAX_FILES
+        elif raw.isdigit() and int(raw) > 0:
+            self.cap = int(raw)
+        else:
+            raise UsageError(
+                f"MODELCACHE_MAX_FILES must be a positive whole number, not {printable(raw, 40)!r}"
+            )
+
+    def check(self, count: int) -> None:
+        if count > self.cap:
+            raise SourceError(
+                f"{self.what}: the listing names more than {self.cap} files; narrow the URI or "
+                "--include, or raise MODELCACHE_MAX_FILES if a model really has that many"
+            )
 
 
 def select(files: list[RemoteFile], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[RemoteFile]:

@@ -48,7 +48,7 @@ from yarl import URL
 from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSourceError, UsageError
 from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
-from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, archive_kind, select
+from modelcache.sources.base import ListingCap, RemoteFile, Snapshot, SourceOptions, archive_kind, select
 from modelcache.sources.transport import SnapshotMismatchError, proxy_kwargs, ranged_get, status_error
 from modelcache.sources.transport import describe as _describe
 from modelcache.uri import ModelURI
@@ -304,6 +304,7 @@ class GcsSource(AiohttpSource):
     async def _list(self, prefix: str) -> list[dict[str, Any]]:
         url = f"{self.endpoint}/storage/v1/b/{quote(self.bucket, safe='')}/o"
         items: list[dict[str, Any]] = []
+        cap = ListingCap(f"gs://{self.bucket}/{prefix}")
         token: str | None = None
         while True:
             params = {
@@ -317,6 +318,7 @@ class GcsSource(AiohttpSource):
             if page is None:
                 raise NotFoundError(f"gs://{self.bucket}: bucket not found")
             items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
+            cap.check(len(items))
             token = page.get("nextPageToken")
             if not token:
                 return items

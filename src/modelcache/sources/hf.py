@@ -39,7 +39,7 @@ from modelcache.errors import (
 )
 from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
-from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, select
+from modelcache.sources.base import ListingCap, RemoteFile, Snapshot, SourceOptions, select
 from modelcache.sources.transport import describe as _describe
 from modelcache.sources.transport import proxy_kwargs, ranged_get, status_error
 from modelcache.uri import ModelURI, redact
@@ -182,6 +182,7 @@ class HfSource(AiohttpSource):
             raise SourceError(f"{self.repo_id}: the Hub returned no commit sha for {self.requested!r}")
         self.commit = sha
         files: list[RemoteFile] = []
+        cap = ListingCap(self.repo_id)
         url: str | None = f"{api}/tree/{sha}?recursive=true"
         pages = 0
         while url is not None:
@@ -192,6 +193,7 @@ class HfSource(AiohttpSource):
             if not isinstance(page, list):
                 raise SourceError(f"{self.repo_id}: unexpected file listing reply")
             files.extend(self._file(entry, sha) for entry in page if self._is_file(entry))
+            cap.check(len(files))
         total = len(files)
         files = select(files, self.options.include, self.options.exclude)
         if not files:

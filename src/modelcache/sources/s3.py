@@ -58,7 +58,7 @@ from modelcache.errors import (
     UsageError,
 )
 from modelcache.safepath import safe_relpath
-from modelcache.sources.base import RemoteFile, Snapshot, Source, archive_kind, select
+from modelcache.sources.base import ListingCap, RemoteFile, Snapshot, Source, archive_kind, select
 from modelcache.sources.httprules import proxy_for, status_error
 from modelcache.uri import redact
 
@@ -447,6 +447,7 @@ class S3Source(Source):
         parent "directory" starting after the prefix and stop at the first key past it."""
         parent = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         files: list[RemoteFile] = []
+        cap = ListingCap(self.shown)
         stream = obstore.list(store, parent or None, offset=prefix or None, chunk_size=1000)
         try:
             async for batch in stream:
@@ -458,6 +459,7 @@ class S3Source(Source):
                         continue  # obstore drops the offset's trailing "/": the folder marker itself
                     if f := self._listed(prefix, key, meta):
                         files.append(f)
+                cap.check(len(files))
         except Exception as exc:
             raise self._error(exc, self.shown) from exc
         return files

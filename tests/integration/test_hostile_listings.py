@@ -27,9 +27,9 @@ CLEAN_ENV = {
 
 
 def _pull(
-    tmp_path: Path, scheme: str, names: list[str], *, endless: bool = False, **extra: str
+    tmp_path: Path, scheme: str, names: list[str], *, endless: bool = False, huge: bool = False, **extra: str
 ) -> tuple[int, str, list[str]]:
-    with FakeListings(names, endless=endless) as fake:
+    with FakeListings(names, endless=endless, huge=huge) as fake:
         if scheme == "gs":
             env = {**CLEAN_ENV, "STORAGE_EMULATOR_HOST": fake.endpoint}
             uri = "gs://bucket/models"
@@ -83,3 +83,14 @@ def test_a_listing_that_does_not_end_is_refused_at_the_file_cap(scheme: str, tmp
     assert downloads == []
     code, stderr, _ = _pull(tmp_path, scheme, ["models/ok.bin"], MODELCACHE_MAX_FILES="many")
     assert code == 2 and "MODELCACHE_MAX_FILES" in stderr, stderr
+
+
+@pytest.mark.parametrize("scheme", ["gs", "az"])
+def test_an_oversized_listing_page_is_refused_past_64_mib(scheme: str, tmp_path: Path) -> None:
+    """A well-formed but 65 MiB page (chunked, so no Content-Length warns us): read up to the
+    metadata limit and refused (exit 6), where it used to be read whole and parsed (exit 3, no files)."""
+    code, stderr, downloads = _pull(tmp_path, scheme, [], huge=True)
+    assert code == 6, stderr
+    assert "larger than 64 MiB" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert downloads == []

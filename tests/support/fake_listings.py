@@ -16,14 +16,18 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 BODY = b"not a model\n"
+MiB = 1 << 20
+HUGE = 65 * MiB  # just past the 64 MiB a metadata answer may be
 
 
 class FakeListings:
-    """`endless=True`: every listing page names 1000 new objects and points to a next page, forever."""
+    """`endless=True`: every listing page names 1000 new objects and points to a next page, forever.
+    `huge=True`: one well-formed listing page padded to HUGE bytes, chunked (no Content-Length)."""
 
-    def __init__(self, names: list[str], *, endless: bool = False) -> None:
+    def __init__(self, names: list[str], *, endless: bool = False, huge: bool = False) -> None:
         self.names = names
         self.endless = endless
+        self.huge = huge
         self.pages = 0  # listing pages served
         self.downloads: list[str] = []
         self._loop = asyncio.new_event_loop()
@@ -65,12 +69,29 @@ class FakeListings:
             return self.names, ""
         return [f"models/p{self.pages}-{i}.bin" for i in range(1000)], str(self.pages + 1)
 
-    async def _gcs_list(self, request: web.Request) -> web.Response:
+    async def _padded(self, request: web.Request, head: bytes, pad: bytes, tail: bytes) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(head)
+        piece = pad * (MiB // len(pad))
+        for _ in range(HUGE // MiB):
+            await resp.write(piece)
+        await resp.write(tail)
+        await resp.write_eof()
+        return resp
+
+    async def _gcs_list(self, request: web.Request) -> web.StreamResponse:
+        if self.huge:
+            return await self._padded(request, b'{"items": [], "pad": "', b"x", b'"}')
         names, token = self._page()
         items = [{"name": n, "size": str(len(BODY)), "generation": "1"} for n in names]
         return web.json_response({"items": items, **({"nextPageToken": token} if token else {})})
 
-    async def _azure_list(self, request: web.Request) -> web.Response:
+    async def _azure_list(self, request: web.Request) -> web.StreamResponse:
+        if self.huge:
+            head = b"<?xml version='1.0'?><EnumerationResults><Blobs></Blobs><!-- "
+            return await self._padded(request, head, b"x", b" --></EnumerationResults>")
         names, token = self._page()
         blobs = "".join(
             f"<Blob><Name>{escape(n)}</Name><Properties><Content-Length>{len(BODY)}</Content-Length>"

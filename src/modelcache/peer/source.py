@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import random
 import time
@@ -36,11 +37,12 @@ from pathlib import Path
 import aiohttp
 from yarl import URL
 
-from modelcache.errors import IntegrityError
+from modelcache.errors import IntegrityError, SourceError
 from modelcache.peer import API, Peer
 from modelcache.peer.auth import HEADER, sign
 from modelcache.peer.server import valid_pieces
 from modelcache.sources.base import RemoteFile, Snapshot, Source
+from modelcache.sources.transport import read_limited
 from modelcache.store.manifest import FileEntry
 from modelcache.transfer import piece_size
 
@@ -386,8 +388,8 @@ class PeerSource(Source):
                     if resp.status != 200:
                         self._avoid(address, self.settings.avoid_dead, f"manifest: HTTP {resp.status}")
                         return
-                    doc = await resp.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                    doc = json.loads(await read_limited(resp, f"peer {address}: manifest"))
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, SourceError) as exc:
             self._avoid(address, self.settings.avoid_dead, f"manifest: {type(exc).__name__}")
             return
         self._absorb(address, doc)

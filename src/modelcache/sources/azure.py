@@ -56,7 +56,13 @@ from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import ListingCap, RemoteFile, Snapshot, SourceOptions, archive_kind, select
 from modelcache.sources.gcs import b64_to_hex, listing_revision
-from modelcache.sources.transport import SnapshotMismatchError, proxy_kwargs, ranged_get, status_error
+from modelcache.sources.transport import (
+    SnapshotMismatchError,
+    proxy_kwargs,
+    ranged_get,
+    read_limited,
+    status_error,
+)
 from modelcache.sources.transport import describe as _describe
 from modelcache.uri import ModelURI, redact
 
@@ -138,7 +144,7 @@ class _ServicePrincipal:
         url = f"{self.authority}/{quote(self.tenant, safe='')}/oauth2/v2.0/token"
         try:
             async with session.post(url, data=self._form(), **proxy_kwargs(url)) as resp:
-                status, body = resp.status, await resp.read()
+                status, body = resp.status, await read_limited(resp, "Azure AD token endpoint")
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"Azure AD token endpoint: {_describe(exc)}") from exc
         if status in (408, 429) or status >= 500:
@@ -326,7 +332,7 @@ class AzureBlobSource(AiohttpSource):
                     status, code, body = (
                         resp.status,
                         resp.headers.get("x-ms-error-code", ""),
-                        await resp.read(),
+                        await read_limited(resp, self.shown),
                     )
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise TransientSourceError(f"{self.shown}: {_describe(exc)}") from exc

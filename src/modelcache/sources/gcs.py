@@ -49,7 +49,13 @@ from modelcache.errors import AuthError, NotFoundError, SourceError, TransientSo
 from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import ListingCap, RemoteFile, Snapshot, SourceOptions, archive_kind, select
-from modelcache.sources.transport import SnapshotMismatchError, proxy_kwargs, ranged_get, status_error
+from modelcache.sources.transport import (
+    SnapshotMismatchError,
+    proxy_kwargs,
+    ranged_get,
+    read_limited,
+    status_error,
+)
 from modelcache.sources.transport import describe as _describe
 from modelcache.uri import ModelURI
 
@@ -117,7 +123,7 @@ class _TokenSource:
     ) -> tuple[int, dict[str, Any]]:
         try:
             async with session.request(method, url, **kw, **proxy_kwargs(url)) as resp:
-                status, body = resp.status, await resp.read()
+                status, body = resp.status, await read_limited(resp, f"{self.label}: token endpoint")
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{self.label}: token endpoint: {_describe(exc)}") from exc
         if status in (408, 429) or status >= 500:
@@ -286,7 +292,7 @@ class GcsSource(AiohttpSource):
             target = self._url(url, params)
             async with self.session().get(target, headers=headers, **proxy_kwargs(target)) as resp:
                 status = resp.status
-                body = await resp.read()
+                body = await read_limited(resp, what)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{what}: {_describe(exc)}") from exc
         if status == 404:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -41,7 +42,7 @@ from modelcache.safepath import safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import ListingCap, RemoteFile, Snapshot, SourceOptions, select
 from modelcache.sources.transport import describe as _describe
-from modelcache.sources.transport import proxy_kwargs, ranged_get, status_error
+from modelcache.sources.transport import proxy_kwargs, ranged_get, read_limited, status_error
 from modelcache.uri import ModelURI, redact
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -158,7 +159,7 @@ class HfSource(AiohttpSource):
             ) as resp:
                 if resp.status != 200:
                     raise self._error(resp.status, resp.headers, what)
-                body = await resp.json(content_type=None)
+                body = json.loads(await read_limited(resp, f"{self.repo_id}: {what}"))
                 link = resp.links.get("next")
                 nxt = link.get("url") if link is not None else None
                 if nxt is not None:  # may be relative to the page it came with

@@ -70,7 +70,7 @@ from modelcache.errors import (
 from modelcache.safepath import join_under, printable, safe_relpath
 from modelcache.sources.aio import AiohttpSource
 from modelcache.sources.base import RemoteFile, Snapshot, SourceOptions, select
-from modelcache.sources.transport import Expect, checked_body, proxy_kwargs, status_error
+from modelcache.sources.transport import Expect, checked_body, proxy_kwargs, read_limited, status_error
 from modelcache.sources.transport import describe as _describe
 from modelcache.store.manifest import FileEntry
 from modelcache.uri import ModelURI
@@ -293,7 +293,7 @@ class OciSource(AiohttpSource):
                         raise self._denied(what, resp.status)
                     if resp.status != 200:
                         raise status_error(resp.status, f"{what}: token service")
-                    body = await resp.json(content_type=None)
+                    body = json.loads(await read_limited(resp, f"{what}: token service"))
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 raise TransientSourceError(f"{what}: token service: {_describe(exc)}") from exc
             token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
@@ -355,17 +355,11 @@ class OciSource(AiohttpSource):
                 if resp.status in (400, 404):  # distribution: unknown repo/tag; 400 = bad name
                     err = NotFoundError(f"{what}: no such repository, tag or digest (HTTP {resp.status})")
                 raise err
-            body = b""
-            async for block in resp.content.iter_chunked(1 << 16):
-                body += block
-                if len(body) > MAX_MANIFEST_BYTES:
-                    break
+            body = await read_limited(resp, f"{what}: manifest", MAX_MANIFEST_BYTES)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientSourceError(f"{what}: {_describe(exc)}") from exc
         finally:
             resp.release()
-        if len(body) > MAX_MANIFEST_BYTES:
-            raise SourceError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if ref.startswith("sha256:") and digest != ref:
             raise IntegrityError(f"{what}: manifest bytes hash to {digest[:19]}…, not the pinned digest")

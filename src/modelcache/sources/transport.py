@@ -43,6 +43,9 @@ from modelcache.uri import redact
 
 READ_BLOCK = 1 << 20
 MAX_REDIRECTS = 10
+#: The most a listing page, token or manifest may be: far above any real one (a 1000-entry page is
+#: well under 1 MiB), so a hostile server's endless document costs this much memory, not all of it.
+METADATA_LIMIT = 64 << 20
 __all__ = [
     "Expect",
     "SnapshotMismatchError",
@@ -53,6 +56,7 @@ __all__ = [
     "proxy_for",
     "proxy_kwargs",
     "ranged_get",
+    "read_limited",
     "same_origin",
     "send",
     "status_error",
@@ -73,6 +77,20 @@ def describe(exc: BaseException) -> str:
         return "too many redirects"
     text = str(exc).split("\n", 1)[0]
     return f"{type(exc).__name__}: {redact(text)}"[:300] if text else type(exc).__name__
+
+
+async def read_limited(resp: aiohttp.ClientResponse, what: str, limit: int = METADATA_LIMIT) -> bytes:
+    """A whole (metadata) body, read no further than `limit` bytes: SourceError past that."""
+    length = resp.content_length
+    buf = bytearray()
+    if length is None or length <= limit:
+        async for block in resp.content.iter_chunked(1 << 16):
+            buf += block
+            if len(buf) > limit:
+                break
+    if (length is not None and length > limit) or len(buf) > limit:
+        raise SourceError(f"{what}: the server's answer is larger than {limit >> 20} MiB: not a usable reply")
+    return bytes(buf)
 
 
 def proxy_kwargs(url: str | URL, env: Mapping[str, str] | None = None) -> dict[str, Any]:
